@@ -1,0 +1,156 @@
+"""Framework-faithful building blocks shared by every fusion module and host network.
+
+All tensors are NHWC. Parameters carry logical axis names (``nn.with_logical_partitioning``) so
+the training code can map them onto a device mesh; the names are
+
+* conv kernel ``('conv_height', 'conv_width', 'conv_in', 'conv_out')``, conv bias ``('conv_out',)``
+* BatchNorm scale/bias ``('norm',)``
+* dense kernel ``('embed', 'classes')``, dense bias ``('classes',)``
+"""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+CONV_AXES = ('conv_height', 'conv_width', 'conv_in', 'conv_out')
+NORM_AXES = ('norm',)
+DENSE_AXES = ('embed', 'classes')
+
+# torchvision's ResNet init: kaiming normal, fan_out, gain sqrt(2).
+conv_kernel_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
+# PyTorch's default nn.Linear weight init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+dense_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform')
+
+
+def conv2d(features: int, kernel_size: int, *, stride: int = 1, padding: int = 0,
+           dilation: int = 1, groups: int = 1, bias: bool = False, dtype: Dtype = jnp.float32,
+           param_dtype: Dtype = jnp.float32, name: str | None = None) -> nn.Conv:
+    """A square conv with PyTorch/Gluon semantics: symmetric explicit padding ``padding``.
+
+    flax's ``'SAME'`` pads (0, 1) for a stride-2 3x3 conv on an even input where PyTorch and
+    Gluon pad (1, 1), so the padding is always given explicitly.
+    Kernel layout HWIO: ``(k, k, C_in // groups, features)``.
+    """
+    return nn.Conv(
+        features, (kernel_size, kernel_size), strides=(stride, stride),
+        padding=((padding, padding), (padding, padding)),
+        kernel_dilation=(dilation, dilation), feature_group_count=groups, use_bias=bias,
+        dtype=dtype, param_dtype=param_dtype,
+        kernel_init=nn.with_logical_partitioning(conv_kernel_init, CONV_AXES),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, CONV_AXES[-1:]),
+        name=name)
+
+
+def dense(features: int, *, dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
+          name: str | None = None) -> nn.Dense:
+    """Fully connected layer; kernel layout ``(in, out)`` (PyTorch's weight transposed)."""
+    return nn.Dense(
+        features, dtype=dtype, param_dtype=param_dtype,
+        kernel_init=nn.with_logical_partitioning(dense_kernel_init, DENSE_AXES),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, DENSE_AXES[-1:]),
+        name=name)
+
+
+StatsRule = Literal['torch', 'gluon']
+
+
+class BatchNorm(nn.Module):
+    """Per-channel batch normalisation of an NHWC tensor over (N, H, W).
+
+    Statistics and normalisation are computed in float32 whatever ``dtype`` is; the output is
+    cast to ``dtype``. ``momentum`` is the running-average decay (PyTorch momentum 0.1 == 0.9
+    here == Gluon's default 0.9).
+
+    ``stats_rule`` reproduces the source framework's running-statistics update:
+
+    * ``'torch'``: running_var is updated with the *unbiased* batch variance (n / (n - 1)) and a
+      ``num_batches_tracked`` int32 counter is kept, as in ``torch.nn.BatchNorm2d``.
+    * ``'gluon'``: running_var is updated with the biased batch variance, as Gluon does.
+
+    In train mode a channel must see more than one value. The global-context branch of MS-CAM
+    normalises one pooled value per image, so a batch of size 1 would silently output ``bias``
+    (flax) or raise (PyTorch); we raise a ``ValueError`` naming the shape.
+    """
+    use_scale: bool = True
+    use_bias: bool = True
+    momentum: float = 0.9
+    epsilon: float = 1e-5
+    stats_rule: StatsRule = 'gluon'
+    scale_init: Any = nn.initializers.ones
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        if self.stats_rule not in ('torch', 'gluon'):
+            raise ValueError(f"BatchNorm stats_rule must be 'torch' or 'gluon', got {self.stats_rule!r}")
+        channels = x.shape[-1]
+        running_mean = self.variable('batch_stats', 'mean', jnp.zeros, (channels,), jnp.float32)
+        running_var = self.variable('batch_stats', 'var', jnp.ones, (channels,), jnp.float32)
+        if self.stats_rule == 'torch':
+            tracked = self.variable('batch_stats', 'num_batches_tracked', jnp.zeros, (), jnp.int32)
+        x32 = x.astype(jnp.float32)
+        if train:
+            count = x.size // channels
+            if count < 2:
+                raise ValueError(
+                    f'BatchNorm in train mode needs more than one value per channel, got input '
+                    f'of shape {tuple(x.shape)}; the global-context branch sees one value per '
+                    f'image, so train with a batch size of at least 2')
+            axes = tuple(range(x.ndim - 1))
+            mean = jnp.mean(x32, axes)
+            var = jnp.mean(jnp.square(x32 - mean), axes)
+            if not self.is_initializing():
+                update_var = var * (count / (count - 1)) if self.stats_rule == 'torch' else var
+                m = self.momentum
+                running_mean.value = m * running_mean.value + (1.0 - m) * mean
+                running_var.value = m * running_var.value + (1.0 - m) * update_var
+                if self.stats_rule == 'torch':
+                    tracked.value = tracked.value + 1
+        else:
+            mean, var = running_mean.value, running_var.value
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon)
+        if self.use_scale:
+            scale = self.param('scale', nn.with_logical_partitioning(self.scale_init, NORM_AXES),
+                               (channels,), self.param_dtype)
+            y = y * scale.astype(jnp.float32)
+        if self.use_bias:
+            bias = self.param('bias', nn.with_logical_partitioning(nn.initializers.zeros, NORM_AXES),
+                              (channels,), self.param_dtype)
+            y = y + bias.astype(jnp.float32)
+        return y.astype(self.dtype)
+
+
+def max_pool_3x3_s2(x: jax.Array) -> jax.Array:
+    """``MaxPool2d(3, stride=2, padding=1)`` (floor mode): (N, H, W, C) -> (N, ceil(H/2), ceil(W/2), C)."""
+    return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+
+
+def avg_pool_ceil(x: jax.Array, size: int) -> jax.Array:
+    """``AvgPool2D(size, stride=size, ceil_mode=True, count_include_pad=False)``.
+
+    Ceil mode keeps the partial window at the high edge (7 -> 4 for size 2); the padding that
+    completes it is excluded from the average. (N, H, W, C) -> (N, ceil(H/size), ceil(W/size), C).
+    """
+    if size == 1:
+        return x
+    pad_h, pad_w = (-x.shape[1]) % size, (-x.shape[2]) % size
+    return nn.avg_pool(x, (size, size), strides=(size, size),
+                       padding=((0, pad_h), (0, pad_w)), count_include_pad=False)
+
+
+def global_avg_pool(x: jax.Array) -> jax.Array:
+    """(N, H, W, C) -> (N, 1, 1, C), mean accumulated in float32."""
+    return jnp.mean(x.astype(jnp.float32), axis=(1, 2), keepdims=True).astype(x.dtype)
+
+
+def check_nhwc(x: Any, what: str = 'input') -> None:
+    """Raise a ValueError naming the shape unless ``x`` is a rank-4 NHWC array."""
+    shape = getattr(x, 'shape', None)
+    if shape is None or len(shape) != 4:
+        raise ValueError(f'{what} must be a rank-4 NHWC array (N, H, W, C), got shape {shape}')

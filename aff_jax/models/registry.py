@@ -1,0 +1,151 @@
+"""Model presets by name: ``create_model`` and ``list_models``.
+
+Two families, both structurally identical to their source:
+
+* the official open-aff (MXNet) presets, with Gluon's BatchNorm statistics rule and
+  preprocessing, and the official fusion settings (AFF = ``ASKCFuse``, blend x2; iAFF =
+  ``ResGlobLocaforGlobLocaChaFuse`` with its own second global context);
+* the PyTorch-port presets ``tv_*``, with PyTorch's BatchNorm statistics rule and the port's
+  quirks by default (AFF x2, r=4, iAFF reusing ``global_att``) so its checkpoints load and agree.
+
+Each preset also records its input preprocessing, as data, the way timm's pretrained configs do.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from aff_jax import fusion as fusion_lib
+from aff_jax.models.cifar_resnet import CIFARAFFResNet
+from aff_jax.models.cifar_resnext import CIFARAFFResNeXt
+from aff_jax.models.resnet import AFFResNet
+from aff_jax.models.resnext import AFFResNeXt
+from aff_jax.models.tv_resnet import TVResNet
+
+
+@dataclasses.dataclass(frozen=True)
+class Preprocessing:
+    """How a preset's checkpoints expect their input: ``(pixel / pixel_scale - mean) / std``
+    per RGB channel, at ``input_size``; evaluation resizes the shorter side to
+    ``input_size / crop_pct`` and centre-crops."""
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    pixel_scale: float
+    input_size: int
+    crop_pct: float = 1.0
+
+
+# train_cifar.py: ToTensor (0-1) then Normalize with these CIFAR statistics.
+CIFAR_OFFICIAL = Preprocessing((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010), 255.0, 32)
+# train_imagenet.py: 0-255 pixels normalised directly; validation crop ratio 0.875.
+IMAGENET_OFFICIAL = Preprocessing((123.68, 116.779, 103.939), (58.393, 57.12, 57.375), 1.0, 224, 0.875)
+# The port is torchvision's ResNet: torchvision's ImageNet statistics on 0-1 pixels.
+IMAGENET_TORCHVISION = Preprocessing((0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 255.0, 224, 0.875)
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    host: Callable[..., nn.Module]
+    fields: dict[str, Any]
+    fusion: str
+    r: int
+    fusion_options: dict[str, dict[str, Any]]
+    stats_rule: str
+    preprocessing: Preprocessing
+
+
+_OFFICIAL_FUSION = {'aff': {'scale': 2.0}}
+_PORT_FUSION = {'aff': {'scale': 2.0}, 'iaff': {'reuse_global': True}}
+
+
+def _official_presets() -> dict[str, Preset]:
+    def official(host, fields, fusion, r, pre):
+        return Preset(host, fields, fusion, r, _OFFICIAL_FUSION, 'gluon', pre)
+
+    cifar = dict(layers=(5, 5, 5), channels=(64, 64, 128, 256), num_classes=100, start_layer=1)
+    presets = {
+        'cifar_resnet32': official(CIFARAFFResNet, cifar, 'add', 4, CIFAR_OFFICIAL),
+        'cifar_aff_resnet32': official(CIFARAFFResNet, cifar, 'aff', 4, CIFAR_OFFICIAL),
+        'cifar_iaff_resnet32': official(CIFARAFFResNet, cifar, 'iaff', 4, CIFAR_OFFICIAL),
+    }
+    for depth, blocks in ((38, 4), (47, 5)):
+        presets[f'cifar_aff_resnext{depth}_32x4d'] = official(
+            CIFARAFFResNeXt, dict(layers=(blocks,) * 3, channels=64, cardinality=32,
+                                  bottleneck_width=4, num_classes=100, start_layer=1),
+            'aff', 16, CIFAR_OFFICIAL)
+    imagenet = dict(layers=(3, 4, 6, 3), num_classes=1000, start_layer=3)
+    for fusion in ('aff', 'iaff'):
+        presets[f'{fusion}_resnet50'] = official(AFFResNet, imagenet, fusion, 16, IMAGENET_OFFICIAL)
+        presets[f'{fusion}_resnext50_32x4d'] = official(
+            AFFResNeXt, dict(imagenet, cardinality=32, bottleneck_width=4), fusion, 16,
+            IMAGENET_OFFICIAL)
+    return presets
+
+
+def _port_presets() -> dict[str, Preset]:
+    specs = {
+        'tv_resnet18': dict(bottleneck=False, layers=(2, 2, 2, 2)),
+        'tv_resnet34': dict(bottleneck=False, layers=(3, 4, 6, 3)),
+        'tv_resnet50': dict(layers=(3, 4, 6, 3)),
+        'tv_resnet101': dict(layers=(3, 4, 23, 3)),
+        'tv_resnet152': dict(layers=(3, 8, 36, 3)),
+        'tv_resnext50_32x4d': dict(layers=(3, 4, 6, 3), groups=32, width_per_group=4),
+        'tv_resnext101_32x8d': dict(layers=(3, 4, 23, 3), groups=32, width_per_group=8),
+        'tv_wide_resnet50_2': dict(layers=(3, 4, 6, 3), width_per_group=128),
+        'tv_wide_resnet101_2': dict(layers=(3, 4, 23, 3), width_per_group=128),
+    }
+    return {name: Preset(TVResNet, dict(num_classes=1000, **fields), 'aff', 4, _PORT_FUSION,
+                         'torch', IMAGENET_TORCHVISION)
+            for name, fields in specs.items()}
+
+
+_PRESETS: dict[str, Preset] = {**_official_presets(), **_port_presets()}
+
+
+def list_models() -> list[str]:
+    """Every preset name ``create_model`` accepts."""
+    return sorted(_PRESETS)
+
+
+def preset(name: str) -> Preset:
+    """The preset ``name``: host class, its fields, default fusion and preprocessing."""
+    if name not in _PRESETS:
+        raise ValueError(f'unknown model {name!r}; known: {", ".join(list_models())}')
+    return _PRESETS[name]
+
+
+def create_model(name: str, num_classes: int | None = None,
+                 fusion: str | fusion_lib.FusionFactory | None = None, dtype: Any = jnp.float32,
+                 **overrides: Any) -> nn.Module:
+    """Build the preset ``name``.
+
+    ``fusion``: a name from ``aff_jax.fusion.names()`` (default: the preset's), used with the
+    preset's reduction ``r`` and its settings for that scheme (e.g. AFF x2), or a factory
+    (``fusion.factory(...)`` or any ``functools.partial`` of a fusion module) used as is.
+    ``overrides``: any field of the host (``layers``, ``small_input``, ``start_layer``,
+    ``channels``, ``zero_init_last_bn``, ``param_dtype``, ...), plus ``r`` and
+    ``fusion_options`` (a dict of fusion fields, e.g. ``{'scale': 1.0}``). Unknown keys raise.
+    """
+    spec = preset(name)
+    r = overrides.pop('r', spec.r)
+    fusion_options = dict(overrides.pop('fusion_options', None) or {})
+    fields = dict(spec.fields, dtype=dtype, **({} if num_classes is None else {'num_classes': num_classes}))
+    host_fields = set(spec.host.__dataclass_fields__) - {'parent', 'name', 'fusion'}
+    unknown = sorted(set(overrides) - host_fields)
+    if unknown:
+        raise TypeError(f'model {name!r} has no option(s) {unknown}; it takes '
+                        f'{sorted(host_fields | {"r", "fusion_options"})}')
+    fields.update(overrides)
+    if fusion is None or isinstance(fusion, str):
+        scheme = spec.fusion if fusion is None else fusion
+        fusion_lib.scheme(scheme)
+        options = {**spec.fusion_options.get(scheme, {}), **fusion_options}
+        defaults = dict(r=r, stats_rule=spec.stats_rule, dtype=dtype,
+                        param_dtype=fields.get('param_dtype', jnp.float32))
+        fusion = fusion_lib.factory(scheme, defaults, **options)
+    elif fusion_options:
+        raise TypeError('fusion_options applies to a fusion given by name, not to a factory')
+    return spec.host(fusion=fusion, stats_rule=spec.stats_rule, **fields)
