@@ -1,0 +1,320 @@
+"""Every fusion scheme against an independent float64 numpy evaluation of its formula.
+
+The reference reads the module's variables (NHWC, conv kernels HWIO) and recomputes the output
+and, in train mode, the updated running statistics: flax momentum 0.9 (= PyTorch 0.1), BN eps
+1e-5, normalisation by the biased batch variance; running_var takes the unbiased variance where
+the BN keeps a `num_batches_tracked` counter (the PyTorch rule) and the biased one otherwise.
+"""
+import copy
+import re
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+
+import aff_jax
+from aff_jax import fusion
+
+EPS = 1e-5
+MOMENTUM = 0.9
+SHAPE = (3, 4, 5, 8)  # N, H, W, C
+R = 2
+
+
+def sigmoid(z):
+    return 1.0 / (1.0 + np.exp(-z))
+
+
+class Reference:
+    """Numpy evaluation of contexts from a fusion module's variables; train mode updates
+    `self.stats` in call order, as the module's own BatchNorms would."""
+
+    def __init__(self, variables, train):
+        self.params = variables.get('params', {})
+        self.stats = copy.deepcopy(variables.get('batch_stats', {}))
+        self.train = train
+
+    @staticmethod
+    def conv1x1(p, z):
+        return z @ p['kernel'][0, 0].astype(np.float64) + p['bias']
+
+    def bn(self, p, s, z):
+        if self.train:
+            n = z.size // z.shape[-1]
+            mean, var = z.mean((0, 1, 2)), z.var((0, 1, 2))
+            torch_rule = 'num_batches_tracked' in s
+            s['mean'] = MOMENTUM * s['mean'] + (1 - MOMENTUM) * mean
+            s['var'] = MOMENTUM * s['var'] + (1 - MOMENTUM) * (var * n / (n - 1) if torch_rule else var)
+            if torch_rule:
+                s['num_batches_tracked'] = s['num_batches_tracked'] + 1
+        else:
+            mean, var = s['mean'], s['var']
+        return (z - mean) / np.sqrt(var + EPS) * p['scale'] + p['bias']
+
+    def context(self, name, z):
+        """Local (per pixel, children 0 1 3 4) or global (pooled, children 1 2 4 5) logits."""
+        p, s = self.params[name], self.stats[name]
+        first = 1 if name.startswith('global') else 0
+        if first:
+            z = z.mean((1, 2), keepdims=True)
+        c1, b1, c2, b2 = (str(first + i) for i in (0, 1, 3, 4))
+        h = np.maximum(self.bn(p[b1], s[b1], self.conv1x1(p[c1], z)), 0.0)
+        return self.bn(p[b2], s[b2], self.conv1x1(p[c2], h))
+
+    def gate(self, z, *names):
+        return sigmoid(sum(self.context(n, z) for n in names))
+
+
+def select(m, x, y):
+    return m * x + (1 - m) * y
+
+
+def cat(x, y):
+    return np.concatenate([x, y], axis=-1)
+
+
+def aff_formula(scale):
+    return lambda R_, x, y: scale * select(R_.gate(x + y, 'local_att', 'global_att'), x, y)
+
+
+def iaff_formula(reuse_global):
+    def f(R_, x, y):
+        xi = select(R_.gate(x + y, 'local_att', 'global_att'), x, y)
+        second = 'global_att' if reuse_global else 'global_att2'
+        return select(R_.gate(xi, 'local_att2', second), x, y)
+    return f
+
+
+# name -> (branches as {name: input channels / C}, formula(Reference, x, y)).
+SCHEMES = {
+    'add': ({}, lambda R_, x, y: x + y),
+    'concat': ({}, lambda R_, x, y: R_.conv1x1(R_.params['conv'], cat(x, y))),
+    'se': ({'global_att': 1}, lambda R_, x, y: x + R_.gate(y, 'global_att') * y),
+    'gau': ({'global_att': 1}, lambda R_, x, y: R_.gate(y, 'global_att') * x + y),
+    'highway': ({'global_att': 1}, lambda R_, x, y: select(R_.gate(x, 'global_att'), x, y)),
+    'sa': ({'global_att': 2}, lambda R_, x, y: R_.gate(cat(x, y), 'global_att') * x + y),
+    'sk': ({'global_att': 1}, lambda R_, x, y: select(R_.gate(x + y, 'global_att'), x, y)),
+    'ms_se': ({'local_att': 1, 'global_att': 1},
+              lambda R_, x, y: x + R_.gate(y, 'local_att', 'global_att') * y),
+    'ms_gau': ({'local_att': 1, 'global_att': 1},
+               lambda R_, x, y: R_.gate(y, 'local_att', 'global_att') * x + y),
+    'ms_sa': ({'local_att': 2, 'global_att': 2},
+              lambda R_, x, y: R_.gate(cat(x, y), 'local_att', 'global_att') * x + y),
+    'aff_global_global': ({'global_att': 1, 'global_att2': 1},
+                          lambda R_, x, y: select(R_.gate(x + y, 'global_att', 'global_att2'), x, y)),
+    'aff_local_local': ({'local_att': 1, 'local_att2': 1},
+                        lambda R_, x, y: select(R_.gate(x + y, 'local_att', 'local_att2'), x, y)),
+    'aff': ({'local_att': 1, 'global_att': 1}, aff_formula(1.0)),
+    'iaff': ({'local_att': 1, 'global_att': 1, 'local_att2': 1, 'global_att2': 1},
+             iaff_formula(False)),
+}
+LEARNED = [n for n, (branches, _) in SCHEMES.items() if branches]
+WITH_GLOBAL = [n for n, (branches, _) in SCHEMES.items() if any('global' in b for b in branches)]
+
+# Distinctive pieces of each docstring's formula (compared with whitespace and backticks removed);
+# the first five are API.md's formulas verbatim.
+DOC_TOKENS = {
+    'se': 'X+G(Y)*Y', 'gau': 'G(Y)*X+Y', 'highway': 'G(X)*X+(1-G(X))*Y', 'sa': 'G(X,Y)*X+Y',
+    'sk': 'G(X+Y)*X+(1-G(X+Y))*Y', 'ms_se': 'X+M(Y)*Y', 'ms_gau': 'M(Y)*X+Y',
+    'ms_sa': 'M(X,Y)*X+Y', 'aff_global_global': 'G2(X+Y)', 'aff_local_local': 'L2(X+Y)',
+    'aff': 'L(X+Y)+G(X+Y)', 'iaff': 'M2(', 'add': 'X+Y', 'concat': '[X,Y]',
+}
+
+
+def make(name, **kw):
+    return fusion.create(name, r=R, **kw) if name in LEARNED else fusion.create(name, **kw)
+
+
+def numpy_tree(tree):
+    return jax.tree.map(np.asarray, nn.unbox(tree))
+
+
+def randomized(variables, seed):
+    """The module's variables with random values: weights ~ 1/sqrt(fan_in), BN scale in
+    [0.5, 1.5], running mean ~ N(0, 0.2), running var in [0.5, 1.5] (counters untouched)."""
+    rng = np.random.default_rng(seed)
+    flat = traverse_util.flatten_dict(numpy_tree(variables))
+    out = {}
+    for path, a in flat.items():
+        leaf = path[-1]
+        if leaf == 'kernel':
+            v = rng.normal(size=a.shape) / np.sqrt(np.prod(a.shape[:-1]))
+        elif leaf in ('scale', 'var'):
+            v = rng.uniform(0.5, 1.5, a.shape)
+        elif leaf in ('bias', 'mean'):
+            v = rng.normal(0.0, 0.2, a.shape)
+        else:
+            v = a
+        out[path] = np.asarray(v, a.dtype)
+    return traverse_util.unflatten_dict(out)
+
+
+def inputs(seed, shape=SHAPE):
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=shape).astype(np.float32), rng.normal(size=shape).astype(np.float32)
+
+
+def setup(module, x, y, seed=0):
+    return randomized(module.init(jax.random.key(0), x, y, False), seed)
+
+
+def assert_close(got, want, what):
+    got = np.asarray(got, np.float64)
+    assert got.shape == want.shape, f'{what}: shape {got.shape} != {want.shape}'
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=what)
+
+
+def assert_stats_equal(got, want):
+    got = traverse_util.flatten_dict(numpy_tree(got))
+    want = traverse_util.flatten_dict(want)
+    assert sorted(got) == sorted(want)
+    for path, w in want.items():
+        if path[-1] == 'num_batches_tracked':
+            assert int(got[path]) == int(w), path
+        else:
+            assert_close(got[path], w, '/'.join(path))
+
+
+def check_against_reference(module, formula, variables, x, y):
+    """Eval and train outputs, and the train-mode running statistics, vs the numpy formula."""
+    ref = Reference(variables, train=False)
+    assert_close(module.apply(variables, x, y, False), formula(ref, x.astype(np.float64), y), 'eval')
+    ref = Reference(variables, train=True)
+    want = formula(ref, x.astype(np.float64), y)
+    got, updates = module.apply(variables, x, y, True, mutable=['batch_stats'])
+    assert_close(got, want, 'train')
+    assert_stats_equal(updates.get('batch_stats', {}), ref.stats)
+
+
+@pytest.mark.parametrize('name', sorted(SCHEMES))
+def test_scheme_matches_numpy_formula(name):
+    module = make(name)
+    x, y = inputs(1)
+    check_against_reference(module, SCHEMES[name][1], setup(module, x, y), x, y)
+
+
+def test_names_cover_the_api():
+    assert set(SCHEMES) <= set(fusion.names())
+
+
+@pytest.mark.parametrize('name', sorted(SCHEMES))
+def test_parameter_shapes_default_r4(name):
+    """create(name) defaults to r=4: each context is C_in -> C//4 -> C; concat is 2C -> C."""
+    c = 16
+    x = jnp.zeros((2, 3, 3, c))
+    got = traverse_util.flatten_dict(numpy_tree(fusion.create(name).init(
+        jax.random.key(0), x, x, False)).get('params', {}))
+    got = {'/'.join(k): v.shape for k, v in got.items()}
+    want = {}
+    for branch, factor in SCHEMES[name][0].items():
+        first = 1 if branch.startswith('global') else 0
+        c1, b1, c2, b2 = (f'{branch}/{first + i}' for i in (0, 1, 3, 4))
+        want.update({f'{c1}/kernel': (1, 1, factor * c, c // 4), f'{c1}/bias': (c // 4,),
+                     f'{b1}/scale': (c // 4,), f'{b1}/bias': (c // 4,),
+                     f'{c2}/kernel': (1, 1, c // 4, c), f'{c2}/bias': (c,),
+                     f'{b2}/scale': (c,), f'{b2}/bias': (c,)})
+    if name == 'concat':
+        want = {'conv/kernel': (1, 1, 2 * c, c), 'conv/bias': (c,)}
+    assert got == want
+
+
+def test_mscam_matches_numpy():
+    module = aff_jax.MSCAM(r=R)
+    x, _ = inputs(2)
+    variables = randomized(module.init(jax.random.key(0), x, False), 3)
+    ref = Reference(variables, train=False)
+    xd = x.astype(np.float64)
+    assert_close(module.apply(variables, x, False), xd * ref.gate(xd, 'local_att', 'global_att'),
+                 'eval')
+    ref = Reference(variables, train=True)
+    want = xd * ref.gate(xd, 'local_att', 'global_att')
+    got, updates = module.apply(variables, x, True, mutable=['batch_stats'])
+    assert_close(got, want, 'train')
+    assert_stats_equal(updates['batch_stats'], ref.stats)
+
+
+def test_aff_scale():
+    x, y = inputs(4)
+    one, two = aff_jax.AFF(r=R), aff_jax.AFF(r=R, scale=2.0)
+    assert one.scale == 1.0
+    variables = setup(one, x, y)
+    check_against_reference(one, aff_formula(1.0), variables, x, y)
+    check_against_reference(two, aff_formula(2.0), variables, x, y)
+    np.testing.assert_allclose(two.apply(variables, x, y, False),
+                               2 * one.apply(variables, x, y, False), rtol=1e-6)
+
+
+def test_iaff_reuse_global():
+    """reuse_global=True (the port) calls global_att twice and leaves global_att2 untouched."""
+    x, y = inputs(5)
+    own, reuse = aff_jax.IAFF(r=R), aff_jax.IAFF(r=R, reuse_global=True)
+    assert not own.reuse_global
+    variables = setup(own, x, y)
+    assert (jax.tree.structure(numpy_tree(reuse.init(jax.random.key(0), x, y, False)))
+            == jax.tree.structure(variables))
+    check_against_reference(own, iaff_formula(False), variables, x, y)
+    check_against_reference(reuse, iaff_formula(True), variables, x, y)
+    diff = np.abs(own.apply(variables, x, y, False) - reuse.apply(variables, x, y, False)).max()
+    assert diff > 1e-3
+    _, updates = reuse.apply(variables, x, y, True, mutable=['batch_stats'])
+    untouched = traverse_util.flatten_dict(numpy_tree(updates['batch_stats'])['global_att2'])
+    for path, value in traverse_util.flatten_dict(variables['batch_stats']['global_att2']).items():
+        np.testing.assert_array_equal(untouched[path], value)
+
+
+@pytest.mark.parametrize('name', sorted(SCHEMES))
+def test_mismatched_shapes_raise(name):
+    x = jnp.zeros((2, 4, 4, 8))
+    y = jnp.zeros((2, 4, 4, 16))
+    with pytest.raises(ValueError) as err:
+        make(name).init(jax.random.key(0), x, y, False)
+    assert '(2, 4, 4, 8)' in str(err.value) and '(2, 4, 4, 16)' in str(err.value)
+
+
+@pytest.mark.parametrize('name', ['add', 'concat', 'aff', 'iaff', 'se'])
+def test_rank_not_4_raises(name):
+    x = jnp.zeros((2, 4, 8))
+    with pytest.raises(ValueError, match=re.escape('(2, 4, 8)')):
+        make(name).init(jax.random.key(0), x, x, False)
+
+
+def test_mscam_rank_not_4_raises():
+    with pytest.raises(ValueError, match=re.escape('(4, 4, 8)')):
+        aff_jax.MSCAM(r=R).init(jax.random.key(0), jnp.zeros((4, 4, 8)), False)
+
+
+@pytest.mark.parametrize('name', LEARNED)
+def test_reduction_leaving_no_channels_raises(name):
+    x = jnp.zeros((2, 3, 3, 4))
+    with pytest.raises(ValueError, match=r'r\s*=\s*8'):
+        fusion.create(name, r=8).init(jax.random.key(0), x, x, False)
+
+
+@pytest.mark.parametrize('name', WITH_GLOBAL)
+def test_batch_of_one_in_train_mode_raises(name):
+    """One pooled value per channel cannot be batch-normalised; eval mode still works."""
+    module = make(name)
+    x, y = inputs(6, (1, 3, 3, 8))
+    variables = randomized(module.init(jax.random.key(0), x, y, False), 7)
+    with pytest.raises(ValueError, match='(?i)batch'):
+        module.apply(variables, x, y, True, mutable=['batch_stats'])
+    ref = Reference(variables, train=False)
+    assert_close(module.apply(variables, x, y, False),
+                 SCHEMES[name][1](ref, x.astype(np.float64), y), 'eval at batch 1')
+
+
+def test_mscam_batch_of_one_in_train_mode_raises():
+    module = aff_jax.MSCAM(r=R)
+    x = jnp.ones((1, 3, 3, 8))
+    variables = module.init(jax.random.key(0), x, False)
+    with pytest.raises(ValueError, match='(?i)batch'):
+        module.apply(variables, x, True, mutable=['batch_stats'])
+
+
+@pytest.mark.parametrize('name', sorted(SCHEMES))
+def test_docstring_states_formula(name):
+    doc = type(make(name)).__doc__ or ''
+    assert DOC_TOKENS[name] in re.sub(r'[\s`]', '', doc), doc
