@@ -159,13 +159,21 @@ def _stage_type(askc_type, stage_index, start_layer):
 
 
 class CIFARAFFResNet(nn.Module):
-    """features: 0 input BN (affine-free), 1 conv3x3, 2.. stages, then BN, ReLU, GAP, flatten."""
+    """features: 0 input BN (affine-free), 1 conv3x3 (deep stem: 1-7, conv BN ReLU conv BN ReLU
+    conv of widths C/2, C/2, C), then the stages, BN, ReLU, GAP, flatten."""
 
-    def __init__(self, askc_type, start_layer, layers, channels, classes):
+    def __init__(self, askc_type, start_layer, layers, channels, classes, deep_stem=False):
         super().__init__()
         if len(layers) != len(channels) - 1:
             raise ValueError(f'layers {layers} needs len(channels) - 1 entries, got {channels}')
-        feats = [nn.BatchNorm2d(3, affine=False), conv3x3(3, channels[0])]
+        feats = [nn.BatchNorm2d(3, affine=False)]
+        if deep_stem:
+            half = channels[0] // 2
+            feats += [conv3x3(3, half), nn.BatchNorm2d(half), nn.ReLU(),
+                      conv3x3(half, half), nn.BatchNorm2d(half), nn.ReLU(),
+                      conv3x3(half, channels[0])]
+        else:
+            feats.append(conv3x3(3, channels[0]))
         in_ch = channels[0]
         for i, blocks in enumerate(layers):
             kind = _stage_type(askc_type, i + 1, start_layer)
@@ -303,12 +311,12 @@ PRESETS = {
                                               bottleneck_width=4, classes=1000)),
 }
 
-_OVERRIDABLE = ('askc_type', 'start_layer', 'layers')
+_OVERRIDABLE = ('askc_type', 'start_layer', 'layers', 'deep_stem')
 
 
 def build_official(name, num_classes=None, **overrides):
     """The torch translation of official preset `name`; overrides: num_classes, askc_type,
-    start_layer, layers."""
+    start_layer, layers, deep_stem (CIFAR ResNet only)."""
     cls, kwargs = PRESETS[name]
     bad = sorted(set(overrides) - set(_OVERRIDABLE))
     if bad:

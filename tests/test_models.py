@@ -1,0 +1,120 @@
+"""The model registry: names from API.md, errors on bad names, any fusion in any host.
+
+Shapes only (`jax.eval_shape`), so no model is compiled or run.
+"""
+import ast
+import functools
+import pathlib
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import aff_jax
+from aff_jax import fusion
+
+API_MODELS = {
+    'cifar_resnet32', 'cifar_aff_resnet32', 'cifar_iaff_resnet32', 'cifar_aff_resnext38_32x4d',
+    'cifar_aff_resnext47_32x4d', 'aff_resnet50', 'iaff_resnet50', 'aff_resnext50_32x4d',
+    'iaff_resnext50_32x4d', 'tv_resnet18', 'tv_resnet34', 'tv_resnet50', 'tv_resnet101',
+    'tv_resnet152', 'tv_resnext50_32x4d', 'tv_resnext101_32x8d', 'tv_wide_resnet50_2',
+    'tv_wide_resnet101_2',
+}
+REPO = pathlib.Path(__file__).resolve().parents[1]
+CIFAR_WIDTHS = (64, 128, 256)  # one block per stage with layers=(1, 1, 1)
+
+
+def shapes(model, batch=2, size=32):
+    """(variable shapes, logits shape) of `model` on a (batch, size, size, 3) input."""
+    def run(x):
+        variables = model.init(jax.random.key(0), x, train=False)
+        return variables, model.apply(variables, x, train=False)
+    variables, logits = jax.eval_shape(run, jnp.zeros((batch, size, size, 3)))
+    return nn.unbox(variables), logits.shape
+
+
+def count(tree):
+    return sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(tree))
+
+
+def params_under(params, key):
+    """Parameter count of every submodule called `key`, anywhere in the tree."""
+    if not isinstance(params, dict):
+        return 0
+    return sum(count(v) if k == key else params_under(v, key) for k, v in params.items())
+
+
+def scheme_params(name, channels, r):
+    """Parameters of one bare `name` module fusing two (.., channels) maps."""
+    kw = {} if name in ('add', 'concat') else {'r': r}
+    x = jnp.zeros((2, 4, 4, channels))
+    variables = jax.eval_shape(functools.partial(fusion.create(name, **kw).init, train=False),
+                               jax.random.key(0), x, x)
+    return count(nn.unbox(variables).get('params', {}))
+
+
+def test_list_models_in_a_fresh_interpreter():
+    out = subprocess.run([sys.executable, '-c', 'import aff_jax; print(aff_jax.list_models())'],
+                         cwd=REPO, capture_output=True, text=True, check=True, timeout=120)
+    listed = ast.literal_eval(out.stdout.strip().splitlines()[-1])
+    assert API_MODELS <= set(listed), sorted(API_MODELS - set(listed))
+
+
+def test_unknown_model_name_is_named():
+    with pytest.raises(ValueError, match='tv_resnet9000'):
+        aff_jax.create_model('tv_resnet9000')
+
+
+def test_unknown_fusion_is_named():
+    with pytest.raises(ValueError, match='not_a_fusion'):
+        aff_jax.create_model('cifar_resnet32', fusion='not_a_fusion')
+
+
+def test_unknown_override_is_named():
+    with pytest.raises((TypeError, ValueError), match='not_an_option'):
+        aff_jax.create_model('tv_resnet18', not_an_option=3)
+
+
+@pytest.mark.parametrize('name', sorted(fusion.names()))
+def test_every_fusion_drops_into_the_cifar_host(name):
+    """Each block's `attention` holds exactly one `name` module at the stage width, r=4."""
+    variables, logits = shapes(aff_jax.create_model('cifar_resnet32', fusion=name, layers=(1, 1, 1)))
+    assert logits == (2, 100)
+    want = sum(scheme_params(name, c, 4) for c in CIFAR_WIDTHS)
+    assert params_under(variables['params'], 'attention') == want
+
+
+@pytest.mark.parametrize('name', ['concat', 'sa', 'aff_local_local', 'iaff'])
+def test_fusion_drops_into_a_bottleneck_host(name):
+    """tv ResNet-50, one block per stage: `fuse_mode` at widths 256..2048, the preset's r=4."""
+    variables, logits = shapes(aff_jax.create_model('tv_resnet50', fusion=name, num_classes=7,
+                                                    layers=(1, 1, 1, 1), small_input=True))
+    assert logits == (2, 7)
+    want = sum(scheme_params(name, c, 4) for c in (256, 512, 1024, 2048))
+    assert params_under(variables['params'], 'fuse_mode') == want
+
+
+def test_overrides_r_num_classes_and_small_input():
+    variables, logits = shapes(aff_jax.create_model('cifar_aff_resnet32', num_classes=10,
+                                                    layers=(1, 1, 1), r=8))
+    assert logits == (2, 10)
+    assert params_under(variables['params'], 'attention') == sum(
+        scheme_params('aff', c, 8) for c in CIFAR_WIDTHS)
+    small, _ = shapes(aff_jax.create_model('tv_resnet18', layers=(1, 1, 1, 1), small_input=True))
+    large, _ = shapes(aff_jax.create_model('tv_resnet18', layers=(1, 1, 1, 1)))
+    assert small['params']['conv1']['kernel'].shape == (3, 3, 3, 64)
+    assert large['params']['conv1']['kernel'].shape == (7, 7, 3, 64)
+
+
+def test_official_fusion_starts_at_start_layer():
+    """aff_resnet50 fuses from stage 3 on: stages 1-2 hold no attention parameters."""
+    variables, _ = shapes(aff_jax.create_model('aff_resnet50', layers=(1, 1, 1, 1)), size=64)
+    params = variables['params']
+    assert params_under(params['layer1'], 'attention') == 0
+    assert params_under(params['layer2'], 'attention') == 0
+    assert params_under(params['layer3'], 'attention') == scheme_params('aff', 1024, 16)
+    assert params_under(params['layer4'], 'attention') == scheme_params('aff', 2048, 16)
