@@ -1,0 +1,1 @@
+"""Weight interchange with PyTorch (``torch``) and MXNet/Gluon (``mxnet``)."""
