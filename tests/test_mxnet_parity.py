@@ -1,0 +1,192 @@
+"""Checks against the real MXNet 1.9.1, run in a dedicated venv (never in the test interpreter).
+
+The session fixture `mxnet_python` builds `mxnet==1.9.1` + `numpy<1.24` into a cached venv
+(`$AFF_JAX_MXNET_VENV`, default `~/.cache/aff-jax/mxnet-venv`; reused once complete) and skips
+only when the package registry cannot be reached. MXNet 1.9.1 needs numpy<1.24, whose wheels
+stop at CPython 3.11: the venv uses `$AFF_JAX_MXNET_PYTHON`, else this interpreter when it is
+<= 3.11, else python3.11 / python3.10 from PATH. The shared libraries it loads beyond its
+wheel are libgomp.so.1 and libquadmath.so.0 (Debian: libgomp1, libquadmath0).
+
+The scripts in tests/gluon_ref run under that venv: `make_reference.py` (official Gluon models
+with drawn weights -> .params, input, logits, parameter table) and `nd_io.py` (mx.nd load/save).
+"""
+import fcntl
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from aff_jax.interop import mxnet as aff_mx
+
+REQUIREMENTS = ('mxnet==1.9.1', 'numpy<1.24')
+GLUON_REF = Path(__file__).parent / 'gluon_ref'
+# pip output that means the registry was not reachable (as opposed to a resolution failure).
+_NETWORK_FAILURES = ('NewConnectionError', 'ConnectTimeoutError', 'Failed to establish a new '
+                     'connection', 'Temporary failure in name resolution', 'Network is '
+                     'unreachable', 'ProxyError', 'Max retries exceeded', 'ReadTimeoutError')
+
+
+def _venv_dir():
+    if 'AFF_JAX_MXNET_VENV' in os.environ:
+        return Path(os.environ['AFF_JAX_MXNET_VENV'])
+    cache = Path(os.environ.get('XDG_CACHE_HOME', Path.home() / '.cache'))
+    return cache / 'aff-jax' / 'mxnet-venv'
+
+
+def _base_python():
+    if 'AFF_JAX_MXNET_PYTHON' in os.environ:
+        return os.environ['AFF_JAX_MXNET_PYTHON']
+    if sys.version_info < (3, 12):
+        return sys.executable
+    for name in ('python3.11', 'python3.10'):
+        if shutil.which(name):
+            return shutil.which(name)
+    pytest.fail('mxnet==1.9.1 needs numpy<1.24, which has no wheels past CPython 3.11: install '
+                'python3.11 or set AFF_JAX_MXNET_PYTHON to a CPython <= 3.11')
+
+
+def _tail(text, lines=30):
+    return '\n'.join(text.strip().splitlines()[-lines:])
+
+
+def _build_venv(venv, marker):
+    shutil.rmtree(venv, ignore_errors=True)
+    subprocess.run([_base_python(), '-m', 'venv', str(venv)], check=True)
+    python = venv / 'bin' / 'python'
+    pip = subprocess.run(
+        [str(python), '-m', 'pip', 'install', '--only-binary=:all:', '--no-input',
+         '--disable-pip-version-check', '--retries', '2', '--timeout', '30', *REQUIREMENTS],
+        capture_output=True, text=True)
+    if pip.returncode:
+        output = pip.stdout + pip.stderr
+        network = [line for line in output.splitlines()
+                   if any(failure in line for failure in _NETWORK_FAILURES)]
+        if network:
+            pytest.skip(f'package registry unreachable, cannot pip install '
+                        f'{" ".join(REQUIREMENTS)}: {network[-1].strip()}')
+        pytest.fail(f'pip install {" ".join(REQUIREMENTS)} failed:\n{_tail(output)}')
+    check = subprocess.run([str(python), '-c', 'import mxnet; print(mxnet.__version__)'],
+                           capture_output=True, text=True)
+    if check.returncode:
+        hint = (' (missing system library: install libgomp1 / libquadmath0)'
+                if 'cannot open shared object file' in check.stderr else '')
+        pytest.fail(f'mxnet does not import in {venv}{hint}:\n{_tail(check.stderr)}')
+    marker.write_text(' '.join(REQUIREMENTS))
+
+
+@pytest.fixture(scope='session')
+def mxnet_python():
+    """Path of the python of a venv holding mxnet 1.9.1 (built on first use, then reused)."""
+    venv = _venv_dir()
+    venv.parent.mkdir(parents=True, exist_ok=True)
+    marker = venv / '.aff-jax-complete'
+    with open(venv.parent / f'{venv.name}.lock', 'w') as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one builder at a time; others then reuse
+        if not (marker.exists() and marker.read_text() == ' '.join(REQUIREMENTS)):
+            _build_venv(venv, marker)
+    return venv / 'bin' / 'python'
+
+
+@pytest.fixture(scope='session')
+def run_gluon(mxnet_python):
+    """run_gluon(script, *args): run a tests/gluon_ref script under the mxnet venv."""
+    def run(script, *args):
+        result = subprocess.run([str(mxnet_python), str(GLUON_REF / script), *map(str, args)],
+                                capture_output=True, text=True)
+        if result.returncode:
+            pytest.fail(f'{script} {" ".join(map(str, args))} failed:\n{_tail(result.stderr)}')
+    return run
+
+
+@pytest.fixture(scope='session')
+def gluon_reference(run_gluon, tmp_path_factory):
+    """gluon_reference(preset, layers=None, values=False) -> directory of make_reference.py's
+    outputs for that preset (`layers` like '1,1,1' reduces depth), made once per session."""
+    made = {}
+
+    def make(preset, layers=None, values=False):
+        key = (preset, layers, values)
+        if key not in made:
+            out = tmp_path_factory.mktemp(preset)
+            options = (['--layers', layers] if layers else []) + (['--values'] if values else [])
+            run_gluon('make_reference.py', preset, out, *options)
+            made[key] = out
+        return made[key]
+    return make
+
+
+@pytest.fixture
+def small_cifar_aff(gluon_reference):
+    return gluon_reference('cifar_aff_resnet32', '1,1,1', values=True)
+
+
+def test_reads_gluon_save_parameters(small_cifar_aff):
+    params = aff_mx.load_params(small_cifar_aff / 'model.params')
+    table = json.loads((small_cifar_aff / 'params.json').read_text())
+    assert list(params) == [entry['name'] for entry in table]
+    with np.load(small_cifar_aff / 'values.npz') as values:
+        assert values.files == list(params)
+        for entry in table:
+            array, name = params[entry['name']], entry['name']
+            assert list(array.shape) == entry['shape'] and array.dtype == entry['dtype'], name
+            assert array.tobytes() == values[name].tobytes(), name
+    # The input BN (scale=False, center=False) keeps gamma/beta in the file, frozen at 1/0.
+    assert np.array_equal(params['features.0.gamma'], np.ones(3, np.float32))
+    assert np.array_equal(params['features.0.beta'], np.zeros(3, np.float32))
+
+
+def test_gluon_loads_our_file_into_the_model(small_cifar_aff, run_gluon, tmp_path):
+    params = aff_mx.load_params(small_cifar_aff / 'model.params')
+    ours = aff_mx.save_params(tmp_path / 'ours.params', params)
+    run_gluon('make_reference.py', 'cifar_aff_resnet32', tmp_path / 'run', '--layers', '1,1,1',
+              '--load', ours)
+    with np.load(small_cifar_aff / 'reference.npz') as ref, \
+            np.load(tmp_path / 'run' / 'reference.npz') as rerun:
+        assert np.array_equal(rerun['input'], ref['input'])
+        assert np.array_equal(rerun['logits'], ref['logits'])
+
+
+def _every_dtype():
+    rng = np.random.default_rng(1)
+    return {
+        'f32': rng.normal(size=(2, 3, 1, 2)).astype(np.float32),
+        'f64': np.array([np.pi, -0.0, np.nan]),
+        'f16': np.array([65504, 6e-8, -1.5], np.float16),
+        'u8': np.array([0, 7, 255], np.uint8),
+        'i32': np.array([-2 ** 31, 2 ** 31 - 1], np.int32),
+        'i8': np.array([[-128], [127]], np.int8),
+        'i64': np.array([-2 ** 63, 2 ** 63 - 1], np.int64),
+        'bool': np.array([True, False]),
+        'empty': np.zeros((3, 0), np.float32),
+    }
+
+
+def test_mx_nd_load_reads_our_file(run_gluon, tmp_path):
+    params = _every_dtype()
+    run_gluon('nd_io.py', 'load', aff_mx.save_params(tmp_path / 'ours.params', params),
+              tmp_path / 'seen.npz')
+    with np.load(tmp_path / 'seen.npz') as seen:
+        assert seen.files == list(params)
+        for name, value in params.items():
+            assert seen[name].dtype == value.dtype and seen[name].shape == value.shape, name
+            assert seen[name].tobytes() == value.tobytes(), name
+
+
+@pytest.mark.parametrize('command, extra', [
+    ('save', {}),
+    ('save-np', {'scalar': np.array(2.5, np.float32)}),  # V3 files allow 0-d arrays
+])
+def test_reads_mx_nd_save(run_gluon, tmp_path, command, extra):
+    params = {**_every_dtype(), **extra}
+    np.savez(tmp_path / 'in.npz', **params)
+    run_gluon('nd_io.py', command, tmp_path / 'in.npz', tmp_path / 'mx.params')
+    loaded = aff_mx.load_params(tmp_path / 'mx.params')
+    assert list(loaded) == list(params)
+    for name, value in params.items():
+        assert loaded[name].dtype == value.dtype and loaded[name].shape == value.shape, name
+        assert loaded[name].tobytes() == value.tobytes(), name
