@@ -140,9 +140,10 @@ def test_reads_gluon_save_parameters(small_cifar_aff):
     assert np.array_equal(params['features.0.beta'], np.zeros(3, np.float32))
 
 
-def test_gluon_loads_our_file_into_the_model(small_cifar_aff, run_gluon, tmp_path):
+def test_our_file_equals_gluons_and_loads_into_the_model(small_cifar_aff, run_gluon, tmp_path):
     params = aff_mx.load_params(small_cifar_aff / 'model.params')
     ours = aff_mx.save_params(tmp_path / 'ours.params', params)
+    assert ours.read_bytes() == (small_cifar_aff / 'model.params').read_bytes()
     run_gluon('make_reference.py', 'cifar_aff_resnet32', tmp_path / 'run', '--layers', '1,1,1',
               '--load', ours)
     with np.load(small_cifar_aff / 'reference.npz') as ref, \

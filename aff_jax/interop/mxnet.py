@@ -25,7 +25,6 @@ import contextlib
 import os
 import struct
 import uuid
-from collections.abc import Mapping
 
 import numpy as np
 
@@ -44,7 +43,8 @@ _DTYPE_FLAGS = {
     7: np.dtype('?'),
 }
 _FLAG_OF_KIND = {(dt.kind, dt.itemsize): flag for flag, dt in _DTYPE_FLAGS.items()}
-# mshadow flags MXNet defines but numpy-side MXNet 1.x cannot hand out; named in the error.
+# The other mshadow flags, named in the error: bfloat16 has no numpy dtype, and MXNet 1.x's
+# Python side never produces the 16/32/64-bit integer flags beyond int32/int64.
 _UNSUPPORTED_FLAGS = {8: 'int16', 9: 'uint16', 10: 'uint32', 11: 'uint64', 12: 'bfloat16'}
 _STORAGE_NAMES = {1: 'row_sparse', 2: 'csr'}
 _CPU_DEVICE = 1
@@ -92,7 +92,7 @@ class _Reader:
 
     def __init__(self, path, data):
         self.path = path
-        self.data = data
+        self.data = memoryview(data)  # slices without copying
         self.pos = 0
 
     def error(self, cls, problem, offset=None):
@@ -186,7 +186,7 @@ def load_params(path):
         (length,) = reader.unpack('<Q', f'the length of name #{i}')
         raw = reader.take(length, f'name #{i}')
         try:
-            name = raw.decode('utf-8')
+            name = bytes(raw).decode('utf-8')
         except UnicodeDecodeError as e:
             raise reader.error(ParamsFormatError, f'name #{i} is not UTF-8: {e}', name_at) from e
         if name in params:

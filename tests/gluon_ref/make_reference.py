@@ -17,7 +17,7 @@ U(0.5, 1.5). Running statistics are calibrated on a separate batch of 8, in one 
 where each BatchNorm, just before it runs, gets the per-channel mean and variance of its own
 input, perturbed (mean + 0.2 std N(0, 1), variance x U(0.5, 2)): activations stay O(1), so the
 attention gates do not saturate, and the statistics differ from those of the reference input,
-so batch statistics in place of running ones cannot pass. Parameters Gluon never trains
+so a model normalising with batch statistics fails the comparison. Parameters Gluon never trains
 (grad_req 'null' gamma/beta of the CIFAR input BN, built with scale=False, center=False) keep
 the values training leaves them at: gamma 1 (the op runs with fix_gamma and rewrites it to 1)
 and beta 0.
@@ -115,7 +115,7 @@ def main():
     size = args.size or default_size
     x = mx.nd.array(rng.normal(size=(args.batch, 3, size, size)), dtype='float32')
 
-    params = net._collect_params_with_prefix()
+    params = net._collect_params_with_prefix()  # what save_parameters writes; no public API
     if args.load:
         net.load_parameters(args.load, allow_missing=False, ignore_extra=False)
     else:
@@ -134,7 +134,7 @@ def main():
     table = [dict(name=name, shape=list(p.shape), dtype=np.dtype(p.dtype).name,
                   grad_req=p.grad_req) for name, p in params.items()]
     with open(os.path.join(args.out_dir, 'params.json'), 'w') as f:
-        json.dump(table, f, indent=0)
+        f.write('[\n' + ',\n'.join(json.dumps(entry) for entry in table) + '\n]\n')
     if args.values:
         np.savez(os.path.join(args.out_dir, 'values.npz'),
                  **{name: p.data().asnumpy() for name, p in params.items()})
