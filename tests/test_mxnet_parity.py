@@ -191,3 +191,58 @@ def test_reads_mx_nd_save(run_gluon, tmp_path, command, extra):
     for name, value in params.items():
         assert loaded[name].dtype == value.dtype and loaded[name].shape == value.shape, name
         assert loaded[name].tobytes() == value.tobytes(), name
+
+
+# --- JAX models loaded from Gluon checkpoints ------------------------------------------------
+
+@pytest.mark.parametrize('preset, layers', [
+    ('cifar_aff_resnet32', None),
+    ('cifar_iaff_resnet32', '1,1,1'),
+    ('cifar_aff_resnext38_32x4d', '1,1,1'),
+    ('aff_resnet50', '2,1,2,1'),
+    ('iaff_resnext50_32x4d', '2,2,1,1'),
+])
+def test_jax_logits_equal_mxnet(gluon_reference, preset, layers):
+    import aff_jax
+    import jax.numpy as jnp
+
+    out = gluon_reference(preset, layers)
+    params = aff_mx.load_params(out / 'model.params')
+    overrides = {'layers': tuple(int(n) for n in layers.split(','))} if layers else {}
+    model = aff_jax.create_model(preset, **overrides)
+    variables = aff_mx.from_params(model, params)
+    reference = np.load(out / 'reference.npz')
+    logits = np.asarray(model.apply(variables, jnp.asarray(reference['input'].transpose(0, 2, 3, 1)),
+                                    train=False))
+    expected = reference['logits']
+    assert logits.shape == expected.shape
+    assert np.linalg.norm(logits - expected) / np.linalg.norm(expected) <= 1e-5
+    back = aff_mx.to_params(model, variables)
+    assert set(back) == set(params)
+    for name, value in params.items():
+        assert back[name].dtype == value.dtype and np.array_equal(back[name], value), name
+
+
+def test_from_params_is_strict(gluon_reference):
+    import aff_jax
+
+    params = aff_mx.load_params(gluon_reference('cifar_aff_resnet32', '1,1,1') / 'model.params')
+    model = aff_jax.create_model('cifar_aff_resnet32', layers=(1, 1, 1))
+    broken = dict(params)
+    del broken['features.1.weight']
+    broken['features.9.weight'] = np.zeros((3,), np.float32)
+    broken['output.bias'] = np.zeros((7,), np.float32)
+    with pytest.raises(ValueError) as err:
+        aff_mx.from_params(model, broken)
+    message = str(err.value)
+    assert 'features.1.weight' in message and 'features.9.weight' in message
+    assert 'output.bias: expected (100,), got (7,)' in message
+    # The input BatchNorm has no learned shift, yet MXNet adds its stored beta: a nonzero one
+    # cannot be represented and must not be dropped silently.
+    shifted = dict(params, **{'features.0.beta': np.full(3, 0.5, np.float32)})
+    with pytest.raises(ValueError, match='features.0.beta'):
+        aff_mx.from_params(model, shifted)
+    prefixed = {('aux:' if 'running' in k else 'arg:') + k: v for k, v in params.items()}
+    exported = aff_mx.from_params(model, prefixed)
+    plain = aff_mx.from_params(model, params)
+    assert np.array_equal(exported['params']['output']['kernel'], plain['params']['output']['kernel'])

@@ -257,3 +257,44 @@ def save_params(path, params):
             os.remove(tmp)
         raise
     return path
+
+
+# --- Gluon parameter names <-> flax variables -------------------------------------------------
+
+def _convention():
+    from aff_jax.interop import naming
+
+    # Gluon's BatchNorm(scale=False, center=False) (the CIFAR hosts' input BN) still stores
+    # gamma (forced to 1) and beta (never trained, but *added* by the op): both must be 1 / 0.
+    return naming.Convention('Gluon .params', norm_scale='gamma', norm_bias='beta',
+                             affine_placeholders=True)
+
+
+def from_params(model, params, inputs=None):
+    """Gluon structural names (``save_parameters``) -> flax ``{'params', 'batch_stats'}``.
+
+    ``model`` is an official preset (``create_model('aff_resnet50')``, ...) or a bare fusion
+    module; its module tree mirrors the Gluon attribute tree, so ``layer3.0.attention.
+    local_att.0.weight`` is the flax path ``layer3/0/attention/local_att/0/kernel``. Strict like
+    the PyTorch side: one ``ValueError`` lists missing, unexpected and mis-shaped names. Names
+    with the ``arg:``/``aux:`` prefixes of ``export`` files are accepted with the prefix removed.
+    Gluon's BatchNorm uses eps 1e-5 and decay 0.9, as the official presets do.
+    """
+    from aff_jax.interop import naming
+
+    stripped = {}
+    for name, value in params.items():
+        key = name.split(':', 1)[1] if name.startswith(('arg:', 'aux:')) else name
+        if key in stripped:
+            raise ValueError(f'parameter {key!r} appears twice (with and without a prefix)')
+        stripped[key] = value
+    return naming.to_flax(model, stripped, _convention(), inputs)
+
+
+def to_params(model, variables, inputs=None):
+    """Flax variables of ``model`` -> ``{gluon name: np.ndarray}`` for :func:`save_params`
+    (and Gluon's ``load_parameters``); placeholders of affine-free BatchNorms are written as
+    gamma = 1, beta = 0."""
+    from aff_jax.interop import naming
+
+    return naming.from_flax(model, variables, _convention(), inputs)
