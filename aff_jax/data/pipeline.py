@@ -1,0 +1,148 @@
+"""grain input pipelines: `get_info` and `make_iterator`.
+
+Batches are dicts of numpy arrays for one process:
+  'image': (B, H, W, C) float32, normalised with the dataset's mean/std (NHWC);
+  'label': (B,) int32;
+  'mask':  (B,) float32, 1.0 for real examples, 0.0 for eval padding (all ones in training).
+
+Training streams are global: one seeded shuffle of the whole split per epoch (a new order each
+epoch), augmentation seeded by the position in that stream, and process p of P takes stream
+positions p, p + P, p + 2P, ... So the global batch of step t (process batches side by side)
+holds stream positions [t*P*B, (t+1)*P*B) for any P: the data order does not depend on how
+many processes read it. Evaluation reads each example once over all processes, shards padded
+so that every process yields the same number of full batches.
+
+The iterator is a `grain.DatasetIterator`; save and restore its position with
+`grain.checkpoint.CheckpointSave(it)` / `CheckpointRestore(it)` in an Orbax CheckpointManager
+(or `it.get_state()` / `it.set_state(state)`).
+"""
+
+import math
+
+import grain
+import jax
+import numpy as np
+from absl import flags
+
+from aff_jax.data import augment, sources
+from aff_jax.data.sources import DatasetInfo, DatasetNotFoundError  # re-exported
+
+__all__ = ['DatasetInfo', 'DatasetNotFoundError', 'get_info', 'make_iterator']
+
+
+def get_info(name: str, data_dir=None) -> DatasetInfo:
+    """Metadata of dataset `name` (see `sources`); prepares `aff_multiscale` on first use."""
+    return sources.load(name, data_dir).info
+
+
+def _positive_int(value, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f'{what} must be a positive integer, got {value!r}')
+    return int(value)
+
+
+def _resolve_processes(process_index, process_count) -> tuple[int, int]:
+    index = jax.process_index() if process_index is None else process_index
+    count = _positive_int(
+        jax.process_count() if process_count is None else process_count, 'process_count'
+    )
+    if not 0 <= index < count:
+        raise ValueError(f'process_index must be in [0, {count}), got {index!r}')
+    return int(index), count
+
+
+def _resolve_image_size(info: DatasetInfo, kind: str, image_size) -> int:
+    stored = info.image_shape[0]
+    if image_size is None:
+        return stored
+    image_size = _positive_int(image_size, 'image_size')
+    if kind != 'imagenet' and image_size != stored:
+        raise ValueError(
+            f"image_size={image_size} needs augment 'imagenet' (which resizes); augment "
+            f'{kind!r} keeps the stored {stored}x{stored} images'
+        )
+    return image_size
+
+
+def make_iterator(
+    name: str,
+    split: str,
+    *,
+    batch_size: int,
+    seed: int,
+    train: bool,
+    data_dir=None,
+    image_size=None,
+    process_index=None,
+    process_count=None,
+    num_epochs=None,
+    worker_count: int = 0,
+    augment_kind=None,
+) -> grain.DatasetIterator:
+    """An iterator of this process's batches of `split` ('train' or 'test') of dataset `name`.
+
+    batch_size: per process. seed: any non-negative int; fixes shuffle and augmentation.
+    train=True: shuffled anew each epoch, augmented, `num_epochs` passes (None: forever), the
+      stream cut to whole global batches. train=False: no shuffle, eval preprocessing only,
+      one pass, the last batch padded (mask 0.0); `num_epochs` must stay None.
+    image_size: output side for 'imagenet' augmentation (default `info.image_shape[0]`).
+    process_index/process_count: this process's shard (default: jax's).
+    worker_count: grain worker processes (0: threads in this process).
+    augment_kind: overrides `info.augment` ('cifar', 'imagenet' or 'none').
+    """
+    if split not in sources.SPLITS:
+        raise ValueError(f'split must be one of {sources.SPLITS}, got {split!r}')
+    batch_size = _positive_int(batch_size, 'batch_size')
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f'seed must be a non-negative integer, got {seed!r}')
+    if num_epochs is not None:
+        if not train:
+            raise ValueError('num_epochs applies to training only; evaluation is one pass')
+        num_epochs = _positive_int(num_epochs, 'num_epochs')
+    if isinstance(worker_count, bool) or not isinstance(worker_count, int) or worker_count < 0:
+        raise ValueError(f'worker_count must be a non-negative integer, got {worker_count!r}')
+    process_index, process_count = _resolve_processes(process_index, process_count)
+
+    dataset = sources.load(name, data_dir)
+    info = dataset.info
+    kind = info.augment if augment_kind is None else augment_kind
+    if kind not in augment.AUGMENTS:
+        raise ValueError(f'augment_kind must be one of {augment.AUGMENTS}, got {kind!r}')
+    size = _resolve_image_size(info, kind, image_size)
+    normalize = augment.Normalize(info.mean, info.std)
+    records = dataset.splits[split]
+    if len(records) == 0:
+        raise ValueError(f'dataset {name!r} has no {split!r} examples')
+
+    if train:
+        shuffle_seed, augment_seed = np.random.SeedSequence(int(seed)).generate_state(2)
+        stream = records.shuffle(int(shuffle_seed)).repeat(num_epochs)
+        stream = stream.random_map(augment.TrainAugment(kind, size), seed=int(augment_seed))
+        global_batch = batch_size * process_count
+        if num_epochs is not None:
+            stream = stream[:len(stream) // global_batch * global_batch]
+        elements = stream[process_index::process_count].map(normalize)
+    else:
+        elements = records[process_index::process_count]
+        elements = elements.map(augment.EvalPreprocess(kind, size)).map(normalize)
+        per_process = math.ceil(math.ceil(len(records) / process_count) / batch_size) * batch_size
+        padding = per_process - len(elements)
+        if padding:
+            pad = {
+                'image': np.zeros((size, size, info.image_shape[2]), np.float32),
+                'label': np.int32(0),
+                'mask': np.float32(0.0),
+            }
+            elements = grain.MapDataset.concatenate(
+                [elements, grain.MapDataset.source([pad] * padding)]
+            )
+
+    # Prefetch single elements, not batches: a buffer of a few batches bounds host memory.
+    read_options = grain.ReadOptions(prefetch_buffer_size=2 * batch_size)
+    batches = elements.to_iter_dataset(read_options).batch(batch_size, drop_remainder=train)
+    if worker_count:
+        # grain's worker processes read absl flags; outside absl.app.run nobody parsed them.
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
+        batches = batches.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+    return iter(batches)
