@@ -23,7 +23,7 @@ def data_dir(tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def stored(data_dir):
-    """split -> (decoded images (N, 32, 32, 3) uint8, labels (N,)) in storage order, read by tfds."""
+    """split -> (images (N, 32, 32, 3) uint8, labels (N,)) in storage order, read by tfds."""
     splits = {}
     for split, size in multiscale.SPLIT_SIZES.items():
         records = tfds.data_source(NAME, split=split, data_dir=data_dir).__getitems__(range(size))
@@ -162,7 +162,8 @@ def test_state_restore_mid_stream_continues_identically(data_dir, tmp_path):
     expected = [next(it) for _ in range(3)]
 
     fresh = _iterator(data_dir, split='train')
-    restored = manager.restore(5, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(fresh)))
+    restore_args = ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(fresh))
+    restored = manager.restore(5, args=restore_args)
     manager.close()
     for want in expected:
         got = next(restored['data'])
@@ -273,8 +274,9 @@ def test_normalize_closed_form_and_channel_check():
 
 
 def test_cifar_augment_rejects_other_sizes():
+    element = {'image': np.zeros((30, 32, 3), np.uint8), 'label': 0}
     with pytest.raises(ValueError, match='must be 32x32'):
-        augment.EvalPreprocess('cifar', 32).map({'image': np.zeros((30, 32, 3), np.uint8), 'label': 0})
+        augment.EvalPreprocess('cifar', 32).map(element)
 
 
 # ---------------------------------------------------------------- imagefolder
@@ -324,11 +326,13 @@ def test_imagefolder_errors(tmp_path, layout, message):
 
 # ---------------------------------------------------------------- TFDS datasets
 
-def test_mock_cifar_loads_through_make_iterator(tmp_path):
+def test_mock_tfds_datasets_load_through_make_iterator(tmp_path):
     with tfds.testing.mock_data(num_examples=12):
         info = pipeline.get_info('cifar10', data_dir=tmp_path)
-        assert (info.num_classes, info.image_shape, info.num_train, info.num_test) == (10, (32, 32, 3), 12, 12)
-        assert info.mean == sources.CIFAR_MEAN and info.augment == 'cifar'
+        assert info == pipeline.DatasetInfo(
+            num_classes=10, image_shape=(32, 32, 3), num_train=12, num_test=12,
+            mean=sources.CIFAR_MEAN, std=sources.CIFAR_STD, augment='cifar',
+        )
         batch = next(pipeline.make_iterator('cifar10', 'train', batch_size=4, seed=0, train=True,
                                             data_dir=tmp_path))
         assert batch['image'].shape == (4, 32, 32, 3) and batch['image'].dtype == np.float32
@@ -337,6 +341,13 @@ def test_mock_cifar_loads_through_make_iterator(tmp_path):
                                               data_dir=tmp_path))
         assert [b['mask'].sum() for b in batches] == [5, 5, 2]
         assert pipeline.get_info('cifar100_coarse', data_dir=tmp_path).num_classes == 20
+        # A TFDS name without a preset: grey 28x28 digits get 'cifar' and grey ImageNet stats.
+        mnist = pipeline.get_info('mnist', data_dir=tmp_path)
+        assert (mnist.image_shape, mnist.augment) == ((28, 28, 1), 'cifar')
+        np.testing.assert_allclose(mnist.mean, [np.mean(sources.IMAGENET_MEAN)])
+        batch = next(pipeline.make_iterator('mnist', 'test', batch_size=3, seed=0, train=False,
+                                            data_dir=tmp_path))
+        assert batch['image'].shape == (3, 28, 28, 1)
 
 
 @pytest.mark.parametrize('name, extra', [('cifar10', ''), ('imagenet2012', '--manual_dir')])
@@ -359,7 +370,8 @@ def test_unknown_dataset_is_one_line_value_error():
     ({'split': 'validation'}, 'split must be one of'),
     ({'train': False, 'num_epochs': 1}, 'evaluation is one pass'),
     ({'image_size': 64}, "needs augment 'imagenet'"),
-    ({'batch_size': 0}, 'batch_size must be a positive integer'),
+    ({'batch_size': 0}, 'batch_size must be an integer >= 1'),
+    ({'seed': -1}, 'seed must be an integer >= 0'),
     ({'process_index': 2, 'process_count': 2}, r'process_index must be in \[0, 2\)'),
     ({'augment_kind': 'autoaugment'}, 'augment_kind must be one of'),
 ])

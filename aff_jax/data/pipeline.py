@@ -14,7 +14,9 @@ so that every process yields the same number of full batches.
 
 The iterator is a `grain.DatasetIterator`; save and restore its position with
 `grain.checkpoint.CheckpointSave(it)` / `CheckpointRestore(it)` in an Orbax CheckpointManager
-(or `it.get_state()` / `it.set_state(state)`).
+(or `it.get_state()` / `it.set_state(state)`). Batches are the same for every `worker_count`,
+but a saved state restores only into an iterator made with the same `worker_count` and
+process layout. With worker processes, call `it.close()` when done.
 """
 
 import math
@@ -29,33 +31,36 @@ from aff_jax.data.sources import DatasetInfo, DatasetNotFoundError  # re-exporte
 
 __all__ = ['DatasetInfo', 'DatasetNotFoundError', 'get_info', 'make_iterator']
 
+_READ_THREADS = 4
+_PREFETCH_BATCHES = 4
+
 
 def get_info(name: str, data_dir=None) -> DatasetInfo:
     """Metadata of dataset `name` (see `sources`); prepares `aff_multiscale` on first use."""
     return sources.load(name, data_dir).info
 
 
-def _positive_int(value, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f'{what} must be a positive integer, got {value!r}')
+def _check_int(value, what: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f'{what} must be an integer >= {minimum}, got {value!r}')
     return int(value)
 
 
 def _resolve_processes(process_index, process_count) -> tuple[int, int]:
+    count = jax.process_count() if process_count is None else process_count
+    count = _check_int(count, 'process_count', 1)
     index = jax.process_index() if process_index is None else process_index
-    count = _positive_int(
-        jax.process_count() if process_count is None else process_count, 'process_count'
-    )
-    if not 0 <= index < count:
-        raise ValueError(f'process_index must be in [0, {count}), got {index!r}')
-    return int(index), count
+    index = _check_int(index, 'process_index', 0)
+    if index >= count:
+        raise ValueError(f'process_index must be in [0, {count}), got {index}')
+    return index, count
 
 
 def _resolve_image_size(info: DatasetInfo, kind: str, image_size) -> int:
     stored = info.image_shape[0]
     if image_size is None:
         return stored
-    image_size = _positive_int(image_size, 'image_size')
+    image_size = _check_int(image_size, 'image_size', 1)
     if kind != 'imagenet' and image_size != stored:
         raise ValueError(
             f"image_size={image_size} needs augment 'imagenet' (which resizes); augment "
@@ -92,15 +97,13 @@ def make_iterator(
     """
     if split not in sources.SPLITS:
         raise ValueError(f'split must be one of {sources.SPLITS}, got {split!r}')
-    batch_size = _positive_int(batch_size, 'batch_size')
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f'seed must be a non-negative integer, got {seed!r}')
+    batch_size = _check_int(batch_size, 'batch_size', 1)
+    seed = _check_int(seed, 'seed', 0)
+    worker_count = _check_int(worker_count, 'worker_count', 0)
     if num_epochs is not None:
         if not train:
             raise ValueError('num_epochs applies to training only; evaluation is one pass')
-        num_epochs = _positive_int(num_epochs, 'num_epochs')
-    if isinstance(worker_count, bool) or not isinstance(worker_count, int) or worker_count < 0:
-        raise ValueError(f'worker_count must be a non-negative integer, got {worker_count!r}')
+        num_epochs = _check_int(num_epochs, 'num_epochs', 1)
     process_index, process_count = _resolve_processes(process_index, process_count)
 
     dataset = sources.load(name, data_dir)
@@ -115,7 +118,7 @@ def make_iterator(
         raise ValueError(f'dataset {name!r} has no {split!r} examples')
 
     if train:
-        shuffle_seed, augment_seed = np.random.SeedSequence(int(seed)).generate_state(2)
+        shuffle_seed, augment_seed = np.random.SeedSequence(seed).generate_state(2)
         stream = records.shuffle(int(shuffle_seed)).repeat(num_epochs)
         stream = stream.random_map(augment.TrainAugment(kind, size), seed=int(augment_seed))
         global_batch = batch_size * process_count
@@ -137,9 +140,11 @@ def make_iterator(
                 [elements, grain.MapDataset.source([pad] * padding)]
             )
 
-    # Prefetch single elements, not batches: a buffer of a few batches bounds host memory.
-    read_options = grain.ReadOptions(prefetch_buffer_size=2 * batch_size)
-    batches = elements.to_iter_dataset(read_options).batch(batch_size, drop_remainder=train)
+    # Batch before leaving MapDataset: worker processes then split whole batches round robin,
+    # so the batches do not depend on worker_count. Prefetch a few batches, not grain's 500.
+    batches = elements.batch(batch_size, drop_remainder=train).to_iter_dataset(
+        grain.ReadOptions(num_threads=_READ_THREADS, prefetch_buffer_size=_PREFETCH_BATCHES)
+    )
     if worker_count:
         # grain's worker processes read absl flags; outside absl.app.run nobody parsed them.
         if not flags.FLAGS.is_parsed():

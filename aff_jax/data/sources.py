@@ -5,12 +5,18 @@ Names:
   'cifar10', 'cifar100', 'imagenet2012'   TFDS datasets prepared as ArrayRecord.
   'cifar100_coarse'  TFDS cifar100 labelled by its 20 super-classes ('coarse_label').
   any other TFDS image-classification name  ('image' and 'label' features), as ArrayRecord.
-  'imagefolder:PATH' PATH/train/<class>/* and PATH/test/<class>/* image files.
+  'imagefolder:PATH' PATH/train/<class>/* and PATH/test/<class>/* image files (`IMAGE_EXTENSIONS`,
+                     other files are skipped), classes numbered in sorted folder-name order,
+                     decoded to RGB, normalised with the ImageNet statistics.
 Split names are 'train' and 'test' ('test' reads TFDS 'validation' where there is no 'test').
 
 TFDS data lives in `data_dir`: the argument, else $TFDS_DATA_DIR, else ~/tensorflow_datasets.
 Only the ArrayRecord format gives grain random access, and reading needs no TensorFlow
 (images decode with pillow). Preparing CIFAR/ImageNet does need TensorFlow (the `tf` extra).
+
+Default augmentation (see `augment`): the presets name theirs; other datasets get 'cifar' when
+their images are square, of one size and at most 64 px a side (the size of the first training
+image for an image folder), else 'imagenet' at 224x224.
 """
 
 import dataclasses
@@ -108,12 +114,18 @@ def load(name: str, data_dir=None) -> Dataset:
     return _load_tfds(name, resolve_data_dir(data_dir))
 
 
-def _default_augment(image_shape) -> tuple[str, tuple[int, int, int]]:
-    """('cifar', stored shape) for small square images, else ('imagenet', 224x224)."""
-    height, width, channels = image_shape
-    if height is not None and height == width and height <= SMALL_IMAGE_SIDE:
-        return 'cifar', (height, width, channels)
-    return 'imagenet', (DEFAULT_IMAGE_SIZE, DEFAULT_IMAGE_SIZE, channels)
+def _default_augment(image_shape) -> str:
+    """'cifar' for small square images of one stored size, else 'imagenet'."""
+    height, width, _ = image_shape
+    small = height is not None and height == width and height <= SMALL_IMAGE_SIDE
+    return 'cifar' if small else 'imagenet'
+
+
+def _output_shape(augment_kind: str, image_shape) -> tuple[int, int, int]:
+    """The stored (H, W, C) where the augmentation keeps it, else 224x224."""
+    if augment_kind == 'imagenet':
+        return DEFAULT_IMAGE_SIZE, DEFAULT_IMAGE_SIZE, image_shape[-1]
+    return tuple(image_shape)
 
 
 def _default_statistics(channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -133,19 +145,30 @@ class _SelectImageLabel(grain.transforms.Map):
         return {'image': element['image'], 'label': int(element[self.label_key])}
 
 
+def _prepared_multiscale(data_dir: str):
+    builder = multiscale.AffMultiscale(data_dir=data_dir)
+    if builder.is_prepared():
+        return builder
+    try:
+        builder.download_and_prepare(file_format='array_record')
+    except FileExistsError:
+        # Another process sharing data_dir renamed its finished build into place first.
+        return multiscale.AffMultiscale(data_dir=data_dir)
+    return builder
+
+
 def _tfds_builder(name: str, data_dir: str):
     if name == 'aff_multiscale':
-        builder = multiscale.AffMultiscale(data_dir=data_dir)
-        if not builder.is_prepared():
-            builder.download_and_prepare(file_format='array_record')
-        return builder, PRESETS[name]
+        return _prepared_multiscale(data_dir), PRESETS[name]
     preset = PRESETS.get(name)
     try:
         builder = tfds.builder(preset.tfds_name if preset else name, data_dir=data_dir)
-    except tfds.core.registered.DatasetNotFoundError:
+    except (ValueError, AssertionError, ImportError) as error:  # incl. tfds' DatasetNotFoundError
+        reason = str(error).strip().splitlines()[0]
         raise ValueError(
-            f"unknown dataset {name!r}: not 'aff_multiscale', not 'imagefolder:PATH' and not a "
-            f"TFDS dataset (presets: {', '.join(sorted(PRESETS))})"
+            f"unknown dataset {name!r} (tfds: {reason}); expected 'aff_multiscale', "
+            f"'imagefolder:PATH' or a TFDS image-classification dataset "
+            f"(presets: {', '.join(sorted(PRESETS))})"
         ) from None
     if preset is None:
         features = builder.info.features
@@ -154,9 +177,10 @@ def _tfds_builder(name: str, data_dir: str):
                 f"TFDS dataset {name!r} has no 'image' and 'label' features "
                 f"(it has {sorted(features)}), so it is not an image-classification dataset"
             )
-        augment_kind, _ = _default_augment(features['image'].shape)
+        augment_kind = _default_augment(features['image'].shape)
         mean, std = _default_statistics(features['image'].shape[-1])
-        test_split = 'test' if 'test' in builder.info.splits or not builder.info.splits else 'validation'
+        splits = builder.info.splits
+        test_split = 'validation' if 'validation' in splits and 'test' not in splits else 'test'
         preset = _TfdsPreset(name, mean, std, augment_kind, test_split=test_split)
     return builder, preset
 
@@ -182,10 +206,11 @@ def _load_tfds(name: str, data_dir: str) -> Dataset:
     builder, preset = _tfds_builder(name, data_dir)
     tfds_splits = {'train': 'train', 'test': preset.test_split}
     try:
-        sources = {s: builder.as_data_source(split=tfds_splits[s]) for s in SPLITS}
+        by_split = {s: builder.as_data_source(split=tfds_splits[s]) for s in SPLITS}
     except (NotImplementedError, ValueError, KeyError, FileNotFoundError) as error:
         if not builder.is_prepared():
-            raise DatasetNotFoundError(_not_prepared_message(name, preset, builder, data_dir)) from None
+            message = _not_prepared_message(name, preset, builder, data_dir)
+            raise DatasetNotFoundError(message) from None
         if builder.info.file_format != tfds.core.FileFormat.ARRAY_RECORD:
             raise DatasetNotFoundError(
                 f'dataset {name!r} in {builder.data_path} is prepared as '
@@ -197,22 +222,18 @@ def _load_tfds(name: str, data_dir: str) -> Dataset:
     features = builder.info.features
     if preset.label_key not in features:
         raise ValueError(f'dataset {name!r} has no label feature {preset.label_key!r}')
-    image_shape = features['image'].shape
-    if preset.augment == 'cifar':
-        image_shape = tuple(image_shape)
-    else:
-        image_shape = (DEFAULT_IMAGE_SIZE, DEFAULT_IMAGE_SIZE, image_shape[-1])
     info = DatasetInfo(
         num_classes=features[preset.label_key].num_classes,
-        image_shape=image_shape,
-        num_train=len(sources['train']),
-        num_test=len(sources['test']),
+        image_shape=_output_shape(preset.augment, features['image'].shape),
+        num_train=len(by_split['train']),
+        num_test=len(by_split['test']),
         mean=tuple(preset.mean),
         std=tuple(preset.std),
         augment=preset.augment,
     )
     select = _SelectImageLabel(preset.label_key)
-    return Dataset(info, {s: grain.MapDataset.source(src).map(select) for s, src in sources.items()})
+    splits = {s: grain.MapDataset.source(src).map(select) for s, src in by_split.items()}
+    return Dataset(info, splits)
 
 
 class ImageFolderSource:
@@ -250,10 +271,15 @@ def _load_imagefolder(root: str) -> Dataset:
     for split in SPLITS:
         split_dir = os.path.join(root, split)
         if not os.path.isdir(split_dir):
-            raise ValueError(f'imagefolder: {split_dir!r} is missing (need train/ and test/ with one folder per class)')
+            raise ValueError(
+                f'imagefolder: {split_dir!r} is missing (need train/ and test/, a folder per class)'
+            )
         files[split] = _class_files(split_dir)
         if not any(files[split].values()):
-            raise ValueError(f'imagefolder: no class folder with images ({", ".join(IMAGE_EXTENSIONS)}) in {split_dir!r}')
+            raise ValueError(
+                f'imagefolder: no class folder with images ({", ".join(IMAGE_EXTENSIONS)}) '
+                f'in {split_dir!r}'
+            )
     class_names = sorted(files['train'])
     empty = [c for c in class_names if not files['train'][c]]
     if empty:
@@ -262,21 +288,20 @@ def _load_imagefolder(root: str) -> Dataset:
     if unknown:
         raise ValueError(f'imagefolder: classes in {root}/test that train/ lacks: {unknown}')
     index = {name: i for i, name in enumerate(class_names)}
-    sources = {}
+    by_split = {}
     for split in SPLITS:
         pairs = [(path, index[c]) for c, paths in files[split].items() for path in paths]
-        sources[split] = ImageFolderSource(*zip(*pairs))
-    first_path = next(p for c in class_names for p in files['train'][c])
-    with Image.open(first_path) as first:
+        by_split[split] = ImageFolderSource(*zip(*pairs))
+    with Image.open(files['train'][class_names[0]][0]) as first:
         width, height = first.size
-    augment_kind, image_shape = _default_augment((height, width, 3))
+    augment_kind = _default_augment((height, width, 3))
     info = DatasetInfo(
         num_classes=len(class_names),
-        image_shape=image_shape,
-        num_train=len(sources['train']),
-        num_test=len(sources['test']),
+        image_shape=_output_shape(augment_kind, (height, width, 3)),
+        num_train=len(by_split['train']),
+        num_test=len(by_split['test']),
         mean=IMAGENET_MEAN,
         std=IMAGENET_STD,
         augment=augment_kind,
     )
-    return Dataset(info, {s: grain.MapDataset.source(src) for s, src in sources.items()})
+    return Dataset(info, {s: grain.MapDataset.source(src) for s, src in by_split.items()})
