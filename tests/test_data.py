@@ -3,7 +3,9 @@
 import collections
 import os
 
+import grain
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
@@ -150,9 +152,6 @@ def test_finite_epochs_give_whole_global_batches(data_dir):
 
 
 def test_state_restore_mid_stream_continues_identically(data_dir, tmp_path):
-    import grain
-    import orbax.checkpoint as ocp
-
     it = _iterator(data_dir, split='train')
     for _ in range(5):
         next(it)
@@ -281,14 +280,14 @@ def test_cifar_augment_rejects_other_sizes():
 
 # ---------------------------------------------------------------- imagefolder
 
-def _write_folder(root, layout):
-    """layout: {split: {class: [pixel value, ...]}} -> 6x6 constant-colour PNGs."""
+def _write_folder(root, layout, shape=(6, 6, 3)):
+    """layout: {split: {class: [pixel value, ...]}} -> constant-colour PNGs of `shape`."""
     for split, classes in layout.items():
         os.makedirs(root / split, exist_ok=True)
         for name, values in classes.items():
             os.makedirs(root / split / name, exist_ok=True)
             for i, value in enumerate(values):
-                pixels = np.full((6, 6, 3), value, np.uint8)
+                pixels = np.full(shape, value, np.uint8)
                 Image.fromarray(pixels).save(root / split / name / f'{i}.png')
     return f'imagefolder:{root}'
 
@@ -310,6 +309,19 @@ def test_imagefolder_loads_with_sorted_classes(tmp_path):
     np.testing.assert_array_equal(batch['mask'], [1, 1, 0, 0])
     train = next(pipeline.make_iterator(name, 'train', batch_size=6, seed=0, train=True))
     assert sorted(train['label'].tolist()) == [0, 0, 0, 1, 2, 2]
+
+
+def test_imagefolder_of_large_images_resizes_to_image_size(tmp_path):
+    name = _write_folder(tmp_path, {'train': {'a': [60], 'b': [70]}, 'test': {'b': [80]}},
+                         shape=(40, 50, 3))
+    info = pipeline.get_info(name)
+    assert (info.image_shape, info.augment) == ((224, 224, 3), 'imagenet')
+    for train in (True, False):
+        batch = next(pipeline.make_iterator(name, 'test', batch_size=1, seed=0, train=train,
+                                            image_size=16))
+        pixels = (batch['image'] * np.asarray(info.std) + np.asarray(info.mean)) * 255
+        assert pixels.shape == (1, 16, 16, 3)
+        np.testing.assert_allclose(pixels, 80, atol=1e-3)  # constant images stay constant
 
 
 @pytest.mark.parametrize('layout, message', [

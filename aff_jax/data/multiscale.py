@@ -5,9 +5,9 @@ pixels per cell (3x3 or 6x6 pixels, on a dark tile with a one-pixel border), whi
 black-ish. The glyph's pattern is the label (10 classes). Everything else varies at random
 and independently of the label, at larger scales: a striped colour background, one to three
 large shapes (ellipses, rectangles, rings, 8-22 pixels) and, in 70% of the images, a *large*
-glyph of another class (4 or 5 pixels per cell, 14-17 pixels). A model that pools global
-context alone sees the large glyph and is misled; it has to attend to the small one, the
-case MS-CAM's local context is meant for (Dai et al., WACV 2021, Sec. 3).
+glyph of another class (4 or 5 pixels per cell, 14-17 pixels). The most salient glyph is
+then never the answer: the label sits in a few pixels, the case MS-CAM's local context is
+meant for (Dai et al., WACV 2021, Sec. 3).
 
 All glyphs are symmetric under a horizontal flip and keep a 4-pixel margin from the border,
 so flip and pad-4 random-crop augmentation never change or hide the label.
