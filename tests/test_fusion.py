@@ -21,7 +21,7 @@ from aff_jax import fusion
 EPS = 1e-5
 MOMENTUM = 0.9
 SHAPE = (3, 4, 5, 8)  # N, H, W, C
-R = 2
+REDUCTION = 2
 
 
 def sigmoid(z):
@@ -47,7 +47,8 @@ class Reference:
             mean, var = z.mean((0, 1, 2)), z.var((0, 1, 2))
             torch_rule = 'num_batches_tracked' in s
             s['mean'] = MOMENTUM * s['mean'] + (1 - MOMENTUM) * mean
-            s['var'] = MOMENTUM * s['var'] + (1 - MOMENTUM) * (var * n / (n - 1) if torch_rule else var)
+            update = var * n / (n - 1) if torch_rule else var
+            s['var'] = MOMENTUM * s['var'] + (1 - MOMENTUM) * update
             if torch_rule:
                 s['num_batches_tracked'] = s['num_batches_tracked'] + 1
         else:
@@ -77,36 +78,37 @@ def cat(x, y):
 
 
 def aff_formula(scale):
-    return lambda R_, x, y: scale * select(R_.gate(x + y, 'local_att', 'global_att'), x, y)
+    return lambda ref, x, y: scale * select(ref.gate(x + y, 'local_att', 'global_att'), x, y)
 
 
 def iaff_formula(reuse_global):
-    def f(R_, x, y):
-        xi = select(R_.gate(x + y, 'local_att', 'global_att'), x, y)
+    def f(ref, x, y):
+        xi = select(ref.gate(x + y, 'local_att', 'global_att'), x, y)
         second = 'global_att' if reuse_global else 'global_att2'
-        return select(R_.gate(xi, 'local_att2', second), x, y)
+        return select(ref.gate(xi, 'local_att2', second), x, y)
     return f
 
 
 # name -> (branches as {name: input channels / C}, formula(Reference, x, y)).
 SCHEMES = {
-    'add': ({}, lambda R_, x, y: x + y),
-    'concat': ({}, lambda R_, x, y: R_.conv1x1(R_.params['conv'], cat(x, y))),
-    'se': ({'global_att': 1}, lambda R_, x, y: x + R_.gate(y, 'global_att') * y),
-    'gau': ({'global_att': 1}, lambda R_, x, y: R_.gate(y, 'global_att') * x + y),
-    'highway': ({'global_att': 1}, lambda R_, x, y: select(R_.gate(x, 'global_att'), x, y)),
-    'sa': ({'global_att': 2}, lambda R_, x, y: R_.gate(cat(x, y), 'global_att') * x + y),
-    'sk': ({'global_att': 1}, lambda R_, x, y: select(R_.gate(x + y, 'global_att'), x, y)),
+    'add': ({}, lambda ref, x, y: x + y),
+    'concat': ({}, lambda ref, x, y: ref.conv1x1(ref.params['conv'], cat(x, y))),
+    'se': ({'global_att': 1}, lambda ref, x, y: x + ref.gate(y, 'global_att') * y),
+    'gau': ({'global_att': 1}, lambda ref, x, y: ref.gate(y, 'global_att') * x + y),
+    'highway': ({'global_att': 1}, lambda ref, x, y: select(ref.gate(x, 'global_att'), x, y)),
+    'sa': ({'global_att': 2}, lambda ref, x, y: ref.gate(cat(x, y), 'global_att') * x + y),
+    'sk': ({'global_att': 1}, lambda ref, x, y: select(ref.gate(x + y, 'global_att'), x, y)),
     'ms_se': ({'local_att': 1, 'global_att': 1},
-              lambda R_, x, y: x + R_.gate(y, 'local_att', 'global_att') * y),
+              lambda ref, x, y: x + ref.gate(y, 'local_att', 'global_att') * y),
     'ms_gau': ({'local_att': 1, 'global_att': 1},
-               lambda R_, x, y: R_.gate(y, 'local_att', 'global_att') * x + y),
+               lambda ref, x, y: ref.gate(y, 'local_att', 'global_att') * x + y),
     'ms_sa': ({'local_att': 2, 'global_att': 2},
-              lambda R_, x, y: R_.gate(cat(x, y), 'local_att', 'global_att') * x + y),
+              lambda ref, x, y: ref.gate(cat(x, y), 'local_att', 'global_att') * x + y),
     'aff_global_global': ({'global_att': 1, 'global_att2': 1},
-                          lambda R_, x, y: select(R_.gate(x + y, 'global_att', 'global_att2'), x, y)),
+                          lambda ref, x, y: select(ref.gate(x + y, 'global_att', 'global_att2'),
+                                                  x, y)),
     'aff_local_local': ({'local_att': 1, 'local_att2': 1},
-                        lambda R_, x, y: select(R_.gate(x + y, 'local_att', 'local_att2'), x, y)),
+                        lambda ref, x, y: select(ref.gate(x + y, 'local_att', 'local_att2'), x, y)),
     'aff': ({'local_att': 1, 'global_att': 1}, aff_formula(1.0)),
     'iaff': ({'local_att': 1, 'global_att': 1, 'local_att2': 1, 'global_att2': 1},
              iaff_formula(False)),
@@ -125,7 +127,7 @@ DOC_TOKENS = {
 
 
 def make(name, **kw):
-    return fusion.create(name, r=R, **kw) if name in LEARNED else fusion.create(name, **kw)
+    return fusion.create(name, r=REDUCTION, **kw) if name in LEARNED else fusion.create(name, **kw)
 
 
 def numpy_tree(tree):
@@ -181,7 +183,8 @@ def assert_stats_equal(got, want):
 def check_against_reference(module, formula, variables, x, y):
     """Eval and train outputs, and the train-mode running statistics, vs the numpy formula."""
     ref = Reference(variables, train=False)
-    assert_close(module.apply(variables, x, y, False), formula(ref, x.astype(np.float64), y), 'eval')
+    want = formula(ref, x.astype(np.float64), y)
+    assert_close(module.apply(variables, x, y, False), want, 'eval')
     ref = Reference(variables, train=True)
     want = formula(ref, x.astype(np.float64), y)
     got, updates = module.apply(variables, x, y, True, mutable=['batch_stats'])
@@ -222,7 +225,7 @@ def test_parameter_shapes_default_r4(name):
 
 
 def test_mscam_matches_numpy():
-    module = aff_jax.MSCAM(r=R)
+    module = aff_jax.MSCAM(r=REDUCTION)
     x, _ = inputs(2)
     variables = randomized(module.init(jax.random.key(0), x, False), 3)
     ref = Reference(variables, train=False)
@@ -238,7 +241,7 @@ def test_mscam_matches_numpy():
 
 def test_aff_scale():
     x, y = inputs(4)
-    one, two = aff_jax.AFF(r=R), aff_jax.AFF(r=R, scale=2.0)
+    one, two = aff_jax.AFF(r=REDUCTION), aff_jax.AFF(r=REDUCTION, scale=2.0)
     assert one.scale == 1.0
     variables = setup(one, x, y)
     check_against_reference(one, aff_formula(1.0), variables, x, y)
@@ -250,7 +253,7 @@ def test_aff_scale():
 def test_iaff_reuse_global():
     """reuse_global=True (the port) calls global_att twice and leaves global_att2 untouched."""
     x, y = inputs(5)
-    own, reuse = aff_jax.IAFF(r=R), aff_jax.IAFF(r=R, reuse_global=True)
+    own, reuse = aff_jax.IAFF(r=REDUCTION), aff_jax.IAFF(r=REDUCTION, reuse_global=True)
     assert not own.reuse_global
     variables = setup(own, x, y)
     assert (jax.tree.structure(numpy_tree(reuse.init(jax.random.key(0), x, y, False)))
@@ -283,7 +286,7 @@ def test_rank_not_4_raises(name):
 
 def test_mscam_rank_not_4_raises():
     with pytest.raises(ValueError, match=re.escape('(4, 4, 8)')):
-        aff_jax.MSCAM(r=R).init(jax.random.key(0), jnp.zeros((4, 4, 8)), False)
+        aff_jax.MSCAM(r=REDUCTION).init(jax.random.key(0), jnp.zeros((4, 4, 8)), False)
 
 
 @pytest.mark.parametrize('name', LEARNED)
@@ -307,7 +310,7 @@ def test_batch_of_one_in_train_mode_raises(name):
 
 
 def test_mscam_batch_of_one_in_train_mode_raises():
-    module = aff_jax.MSCAM(r=R)
+    module = aff_jax.MSCAM(r=REDUCTION)
     x = jnp.ones((1, 3, 3, 8))
     variables = module.init(jax.random.key(0), x, False)
     with pytest.raises(ValueError, match='(?i)batch'):

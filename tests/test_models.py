@@ -82,7 +82,8 @@ def test_unknown_override_is_named():
 @pytest.mark.parametrize('name', sorted(fusion.names()))
 def test_every_fusion_drops_into_the_cifar_host(name):
     """Each block's `attention` holds exactly one `name` module at the stage width, r=4."""
-    variables, logits = shapes(aff_jax.create_model('cifar_resnet32', fusion=name, layers=(1, 1, 1)))
+    model = aff_jax.create_model('cifar_resnet32', fusion=name, layers=(1, 1, 1))
+    variables, logits = shapes(model)
     assert logits == (2, 100)
     want = sum(scheme_params(name, c, 4) for c in CIFAR_WIDTHS)
     assert params_under(variables['params'], 'attention') == want

@@ -63,7 +63,8 @@ def test_port_preset_state_dict_sizes(name, fusion):
     `fusion='aff'` is also the preset's default."""
     with torch.device('meta'):
         ref = build_port(name, fusion=fusion)
-    model = aff_jax.create_model(name) if fusion == 'aff' else aff_jax.create_model(name, fusion=fusion)
+    model = (aff_jax.create_model(name) if fusion == 'aff'
+             else aff_jax.create_model(name, fusion=fusion))
     shapes = jax_variable_shapes(model)
     assert sum(sizes(shapes['params'])) == sum(p.numel() for p in ref.parameters())
     assert sizes(shapes) == torch_sizes(ref.state_dict().values())

@@ -1,4 +1,5 @@
-"""PyTorch translation of the official open-aff MXNet/Gluon models (`model/{fusion,block,classification}.py`).
+"""PyTorch translation of the official open-aff MXNet/Gluon models
+(`model/fusion.py`, `model/block.py`, `model/classification.py`).
 
 Attribute names and Sequential indices mirror the Gluon blocks (activations, pools and
 flatten occupy indices as in Gluon), so a key here equals the Gluon structural parameter name
