@@ -1,0 +1,84 @@
+"""Every key a training config has, with its default. Recipes in ``configs/`` start from here.
+
+``python -m train --config configs/NAME.py --config.KEY=VALUE`` overrides any key below; a key
+that is not listed here is rejected by ml_collections.
+"""
+from __future__ import annotations
+
+import importlib.util
+import pathlib
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    # Model: a name from aff_jax.list_models(); fusion None keeps the preset's scheme.
+    c.model = 'cifar_aff_resnet32'
+    c.fusion = config_dict.placeholder(str)
+    # Extra create_model keywords: layers, channels, r, zero_init_last_bn, param_dtype, ...
+    c.model_overrides = ml_collections.ConfigDict()
+    # None: the dataset's number of classes. A larger head is allowed (the official CIFAR
+    # script trains a 100-way head on the 20 CIFAR-100 superclasses).
+    c.num_classes = config_dict.placeholder(int)
+    c.dtype = 'float32'  # compute dtype ('bfloat16' on TPU/GPU); parameters stay float32
+
+    # Data: a TFDS name, the embedded 'aff_multiscale', or 'imagefolder:PATH'.
+    c.dataset = 'aff_multiscale'
+    c.data_dir = config_dict.placeholder(str)
+    c.image_size = config_dict.placeholder(int)  # None: the dataset's own size
+    c.data_workers = 0  # grain worker processes per host
+
+    # Batch sizes are global (all processes together) and split over the mesh 'data' axis.
+    c.batch_size = 128
+    c.eval_batch_size = 256
+    c.num_train_steps = 1000
+
+    # Optimizer: SGD with (Nesterov) momentum and coupled L2 weight decay, as Gluon's 'nag'.
+    c.learning_rate = 0.1
+    c.lr_base_batch_size = config_dict.placeholder(int)  # set: lr * batch_size / this
+    c.schedule = 'cosine'  # 'cosine' | 'step' | 'constant', each after a linear warmup
+    c.warmup_steps = 0
+    c.lr_decay_boundaries = ()  # 'step': absolute steps where lr *= lr_decay_factor
+    c.lr_decay_factor = 0.1
+    c.momentum = 0.9
+    c.nesterov = True
+    c.weight_decay = 1e-4
+    c.weight_decay_bn_bias = False  # False: no decay on BatchNorm scale/bias and biases
+
+    # Regularisation, both computed inside the train step.
+    c.label_smoothing = 0.0
+    c.mixup_alpha = 0.0  # 0 disables mixup
+    c.mixup_off_steps = 0  # the last steps train without mixup
+
+    c.seed = 0
+    # PRNG for initialisation and mixup. 'rbg' (XLA's RngBitGenerator) compiles the model's
+    # initialisation several times faster than 'threefry2x32' on CPU and is faster on TPU;
+    # both give the same values on every mesh.
+    c.rng_impl = 'rbg'
+    # (data, model) device mesh; -1 takes all remaining devices.
+    c.mesh_shape = (-1, 1)
+    # (logical axis name, mesh axis) pairs; unlisted names are replicated. E.g.
+    # (('conv_out', 'model'), ('classes', 'model')) shards conv outputs and the classifier.
+    c.logical_axis_rules = ()
+
+    c.checkpoint_every_steps = 1000
+    c.keep_checkpoints = 3
+    c.eval_every_steps = 1000
+    c.log_every_steps = 50
+    return c
+
+
+def load_config(path: str | pathlib.Path, *args: str) -> ml_collections.ConfigDict:
+    """``get_config(*args)`` of the config file ``path``: lets a recipe start from another.
+
+    From a config file: ``load_config(pathlib.Path(__file__).with_name('other.py'))``.
+    """
+    path = pathlib.Path(path)
+    spec = importlib.util.spec_from_file_location(f'aff_config_{path.stem}', path)
+    if spec is None or not path.is_file():
+        raise FileNotFoundError(f'no config file {path}')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(*args)

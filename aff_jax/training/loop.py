@@ -1,0 +1,221 @@
+"""The training loop: set up (or resume) a run, train, evaluate, checkpoint, report.
+
+``train_and_evaluate(config, workdir)`` is what ``python -m train`` runs. Every problem with
+the config or the dataset is raised as ``ConfigError`` before any compilation.
+"""
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+from typing import Any, Iterator
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+import aff_jax
+from aff_jax.data import pipeline
+from aff_jax.training import mesh as mesh_lib
+from aff_jax.training import optimizer as optimizer_lib
+from aff_jax.training import state as state_lib
+from aff_jax.training import steps, summary
+from aff_jax.training.checkpoint import Checkpointer
+from aff_jax.training.errors import ConfigError
+from aff_jax.training.metrics import METRICS_FILE, MetricsWriter, ProgressBar, read_metrics
+from aff_jax.training.plot import CURVES_FILE, plot_curves
+
+CHECKPOINT_DIR = 'checkpoints'
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+RNG_IMPLS = ('rbg', 'unsafe_rbg', 'threefry2x32')
+POSITIVE_INT_KEYS = ('batch_size', 'eval_batch_size', 'num_train_steps', 'log_every_steps',
+                     'eval_every_steps', 'checkpoint_every_steps', 'keep_checkpoints')
+
+
+@dataclasses.dataclass(frozen=True)
+class RunResult:
+    """How a run ended: the step reached, the final held-out metrics (``eval/loss``,
+    ``eval/accuracy``, ``eval/count``), or ``preempted`` when a SIGTERM stopped it first."""
+    step: int
+    eval_metrics: dict[str, float] | None
+    preempted: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+    """Everything ``train_and_evaluate`` derives from a validated config."""
+    config: ml_collections.ConfigDict
+    info: Any
+    num_classes: int
+    input_shape: tuple[int, int, int]
+    mesh: jax.sharding.Mesh
+    model: Any
+    rules: list[tuple[str, str | None]]
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """Validate the keys that need no dataset or devices; raise ConfigError naming the key."""
+    for key in POSITIVE_INT_KEYS:
+        value = config[key]
+        if not isinstance(value, int) or value < 1:
+            raise ConfigError(f'config.{key} must be a positive int, got {value!r}')
+    if config.model not in aff_jax.list_models():
+        raise ConfigError(f'config.model: unknown model {config.model!r}; known: '
+                          f'{", ".join(aff_jax.list_models())}')
+    if config.fusion is not None and config.fusion not in aff_jax.fusion.names():
+        raise ConfigError(f'config.fusion: unknown fusion {config.fusion!r}; known: '
+                          f'{", ".join(aff_jax.fusion.names())}')
+    if config.dtype not in DTYPES:
+        raise ConfigError(f'config.dtype must be one of {tuple(DTYPES)}, got {config.dtype!r}')
+    if config.rng_impl not in RNG_IMPLS:
+        raise ConfigError(f'config.rng_impl must be one of {RNG_IMPLS}, got {config.rng_impl!r}')
+    optimizer_lib.make_optimizer(config)
+    steps.check_regularisation(config)
+
+
+def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
+    """Validate ``config`` against the dataset and the devices and build the model and mesh."""
+    check_config(config)
+    try:
+        info = pipeline.get_info(config.dataset, data_dir=config.data_dir)
+    except ValueError as e:
+        raise ConfigError(f'config.dataset: {e}') from e
+    num_classes = info.num_classes if config.num_classes is None else config.num_classes
+    if num_classes < info.num_classes:
+        raise ConfigError(f'config.num_classes={num_classes} is smaller than the '
+                          f'{info.num_classes} classes of {config.dataset!r}')
+    height, width, channels = info.image_shape
+    if config.image_size is not None:
+        height = width = config.image_size
+    mesh = mesh_lib.make_mesh(config.mesh_shape)
+    mesh_lib.check_batch_size(config.batch_size, mesh)
+    mesh_lib.check_batch_size(config.eval_batch_size, mesh, key='eval_batch_size')
+    try:
+        model = aff_jax.create_model(config.model, num_classes=num_classes, fusion=config.fusion,
+                                     dtype=DTYPES[config.dtype], **config.model_overrides)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f'config.model_overrides: {e}') from e
+    return Experiment(config, info, num_classes, (height, width, channels), mesh, model,
+                      mesh_lib.check_rules(config.logical_axis_rules))
+
+
+def _iterator(exp: Experiment, split: str, global_batch: int, train: bool) -> Iterator:
+    index, count = mesh_lib.process_batch_split(mesh_lib.batch_sharding(exp.mesh), global_batch)
+    try:
+        return pipeline.make_iterator(
+            exp.config.dataset, split, batch_size=global_batch // count, seed=exp.config.seed,
+            train=train, data_dir=exp.config.data_dir, image_size=exp.config.image_size,
+            process_index=index, process_count=count, worker_count=exp.config.data_workers)
+    except ValueError as e:
+        raise ConfigError(f'config.dataset: {e}') from e
+
+
+def _to_global(batch: dict[str, np.ndarray], sharding: jax.sharding.NamedSharding,
+               global_batch: int) -> dict[str, jax.Array]:
+    """Assemble the per-process arrays of a batch into global arrays sharded on ``data``."""
+    return {key: jax.make_array_from_process_local_data(
+        sharding, value, (global_batch, *value.shape[1:])) for key, value in batch.items()}
+
+
+def evaluate(exp: Experiment, eval_step, state: state_lib.TrainState) -> dict[str, float]:
+    """One pass over the held-out split: ``eval/loss``, ``eval/accuracy``, ``eval/count``."""
+    sharding = mesh_lib.batch_sharding(exp.mesh)
+    totals = None
+    for batch in _iterator(exp, 'test', exp.config.eval_batch_size, train=False):
+        sums = eval_step(state, _to_global(batch, sharding, exp.config.eval_batch_size))
+        totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+    count = float(totals['count'])
+    return {'eval/loss': float(totals['loss']) / count,
+            'eval/accuracy': float(totals['correct']) / count, 'eval/count': count}
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> RunResult:
+    """Train ``config`` in ``workdir``, resuming from its newest complete checkpoint if any."""
+    exp = build_experiment(config)
+    workdir = pathlib.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    is_main = jax.process_index() == 0
+    tx = optimizer_lib.make_optimizer(config)
+    init_rng, step_rng = jax.random.split(
+        jax.random.key(config.seed, impl=config.rng_impl))
+    with jax.set_mesh(exp.mesh):
+        init_fn, abstract_state, shardings = state_lib.state_layout(
+            exp.model, tx, (1, *exp.input_shape), exp.mesh, exp.rules)
+        checkpointer = Checkpointer(workdir / CHECKPOINT_DIR, config.checkpoint_every_steps,
+                                    config.keep_checkpoints)
+        train_iter = _iterator(exp, 'train', config.batch_size, train=True)
+        latest = checkpointer.latest_step()
+        if latest is None:
+            state = state_lib.create_state(init_fn, shardings, init_rng)
+        else:
+            state = checkpointer.restore(
+                latest, state_lib.with_shardings(abstract_state, shardings), train_iter)
+        start = int(state.step)
+        if is_main:
+            _print_start(exp, abstract_state, start)
+        batch_sharding = mesh_lib.batch_sharding(exp.mesh)
+        train_step = steps.make_train_step(
+            exp.model, tx, optimizer_lib.make_schedule(config), config, exp.num_classes,
+            step_rng, shardings, batch_sharding)
+        eval_step = steps.make_eval_step(exp.model, exp.num_classes, shardings, batch_sharding)
+        writer = MetricsWriter(workdir, start, enabled=is_main)
+        bar = ProgressBar(config.num_train_steps, start, enabled=is_main)
+        config_dict = config.to_dict()
+        preempted = False
+        for step in range(start + 1, config.num_train_steps + 1):
+            batch = _to_global(next(train_iter), batch_sharding, config.batch_size)
+            state, metrics = train_step(state, batch)
+            bar.advance()
+            if step % config.log_every_steps == 0 or step == config.num_train_steps:
+                values = {name: float(value) for name, value in metrics.items()}
+                writer.write(step, values)
+                bar.show({k: values[k] for k in ('train/loss', 'train/accuracy')})
+            if step % config.eval_every_steps == 0 and step != config.num_train_steps:
+                values = evaluate(exp, eval_step, state)
+                writer.write(step, {k: values[k] for k in ('eval/loss', 'eval/accuracy')})
+                bar.print(f'step {step}: eval/loss {values["eval/loss"]:.4f}, '
+                          f'eval/accuracy {values["eval/accuracy"]:.4f}')
+            preempted = checkpointer.preempted(step)
+            checkpointer.save(step, state, train_iter, config_dict,
+                              force=step == config.num_train_steps)
+            if preempted:
+                break
+        bar.close()
+        final = None
+        if not preempted:
+            final = evaluate(exp, eval_step, state)
+            if start < config.num_train_steps:
+                writer.write(config.num_train_steps,
+                             {k: final[k] for k in ('eval/loss', 'eval/accuracy')})
+        checkpointer.close()
+        writer.close()
+    step = int(state.step)
+    if is_main:
+        _print_end(exp, workdir, step, final)
+    return RunResult(step, final, preempted)
+
+
+def _print_start(exp: Experiment, abstract_state: state_lib.TrainState, start: int) -> None:
+    variables = {'params': abstract_state.params, 'batch_stats': abstract_state.batch_stats}
+    flops = summary.flops_per_image(exp.model, variables, exp.input_shape)
+    print(summary.describe(exp.config.model, summary.count_params(abstract_state.params), flops))
+    mesh = exp.mesh
+    print(f'mesh data={mesh.shape["data"]} model={mesh.shape["model"]} over '
+          f'{mesh.devices.size} {mesh.devices.flat[0].platform} device(s), '
+          f'{jax.process_count()} process(es)')
+    print(f'dataset {exp.config.dataset}: {exp.info.num_train} train / {exp.info.num_test} test '
+          f'images of {exp.input_shape}, {exp.info.num_classes} classes')
+    if start:
+        print(f'resuming from the checkpoint at step {start}')
+
+
+def _print_end(exp: Experiment, workdir: pathlib.Path, step: int, final: dict | None) -> None:
+    rows = read_metrics(workdir / METRICS_FILE)
+    if rows:
+        plot_curves(rows, workdir / CURVES_FILE, f'{exp.config.model} on {exp.config.dataset}')
+    if final is None:
+        print(f'stopped by SIGTERM after saving the checkpoint at step {step}; run the same '
+              f'command to resume')
+        return
+    print(f'final held-out accuracy after {step} steps: {100 * final["eval/accuracy"]:.2f}% '
+          f'({int(final["eval/count"])} test images, eval/loss {final["eval/loss"]:.4f})')

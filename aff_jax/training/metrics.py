@@ -1,0 +1,75 @@
+"""What a run reports: ``metrics.jsonl``, TensorBoard event files and the progress bar.
+
+Only process 0 writes; the other processes get disabled writers so the loop stays the same.
+"""
+from __future__ import annotations
+
+import json
+import pathlib
+import sys
+
+import tqdm
+from tensorboardX import SummaryWriter
+
+METRICS_FILE = 'metrics.jsonl'
+TENSORBOARD_DIR = 'tensorboard'
+
+
+def read_metrics(path: pathlib.Path) -> list[dict]:
+    """The rows of a ``metrics.jsonl``: one dict per line with ``step`` and named values."""
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class MetricsWriter:
+    """Appends ``{"step": s, "train/loss": ..., ...}`` rows and TensorBoard scalars.
+
+    A run that starts at ``start_step`` (0, or the step of the checkpoint it resumed from)
+    first drops the rows a previous attempt logged after that step, so the file reads as if
+    the run had never been interrupted; TensorBoard is told the same with ``purge_step``.
+    """
+
+    def __init__(self, workdir: pathlib.Path, start_step: int, enabled: bool):
+        self.enabled = enabled
+        if not enabled:
+            return
+        self.path = workdir / METRICS_FILE
+        kept = [row for row in read_metrics(self.path) if row['step'] <= start_step]
+        self.path.write_text(''.join(json.dumps(row) + '\n' for row in kept))
+        self.tensorboard = SummaryWriter(str(workdir / TENSORBOARD_DIR), purge_step=start_step)
+
+    def write(self, step: int, values: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        with self.path.open('a') as f:
+            f.write(json.dumps({'step': step, **values}) + '\n')
+        for name, value in values.items():
+            self.tensorboard.add_scalar(name, value, step)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.tensorboard.close()
+
+
+class ProgressBar:
+    """A tqdm bar over the train steps with step/s, ETA and the latest loss and accuracy."""
+
+    def __init__(self, total_steps: int, start_step: int, enabled: bool):
+        self.bar = tqdm.tqdm(total=total_steps, initial=start_step, unit='step',
+                             dynamic_ncols=True, disable=not enabled, file=sys.stderr)
+
+    def advance(self, steps: int = 1) -> None:
+        self.bar.update(steps)
+
+    def show(self, values: dict[str, float]) -> None:
+        self.bar.set_postfix({name.split('/')[-1]: f'{value:.4f}' for name, value in values.items()},
+                             refresh=False)
+
+    def print(self, line: str) -> None:
+        """A line above the bar (or plainly, when the bar is disabled on this process)."""
+        if not self.bar.disable:
+            self.bar.write(line, file=sys.stderr)
+
+    def close(self) -> None:
+        self.bar.close()

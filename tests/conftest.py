@@ -1,0 +1,61 @@
+"""Shared fixtures for the training tests: the environment of `python -m train` subprocesses
+and a small image-folder dataset."""
+from __future__ import annotations
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+FOLDER_CLASSES = 10
+FOLDER_SPLITS = {'train': 12, 'test': 4}  # images per class
+
+
+@pytest.fixture(scope='session')
+def train_env(tmp_path_factory) -> dict[str, str]:
+    """Environment for training subprocesses: one CPU device, a TFDS data dir of their own,
+    and a compilation cache they share, so that runs of one config compile once."""
+    cache = tmp_path_factory.mktemp('jax_cache')
+    env = dict(os.environ, PYTHONPATH=str(REPO), TFDS_DATA_DIR=str(tmp_path_factory.mktemp('tfds')),
+               JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
+    env.pop('XLA_FLAGS', None)
+    return env
+
+
+def run_train(workdir: pathlib.Path, overrides: list[str], env: dict[str, str],
+              config: str = 'configs/quickstart.py', **popen_kw) -> subprocess.Popen:
+    """Start ``python -m train --config CONFIG --workdir WORKDIR OVERRIDES`` in the repo root."""
+    command = [sys.executable, '-m', 'train', f'--config={config}', f'--workdir={workdir}',
+               *overrides]
+    return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **popen_kw)
+
+
+def folder_image(label: int, rng: np.random.Generator, size: int = 32) -> np.ndarray:
+    """A (size, size, 3) uint8 image whose class is the hue of a centred square on noise."""
+    image = rng.integers(0, 256, (size, size, 3)).astype(np.float64) * 0.4
+    colour = 255 * np.array([np.cos(2 * np.pi * (label / FOLDER_CLASSES + k / 3)) * 0.5 + 0.5
+                             for k in range(3)])
+    quarter = size // 4
+    image[quarter:-quarter, quarter:-quarter] = 0.6 * image[quarter:-quarter, quarter:-quarter] + colour * 0.76
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope='session')
+def image_folder(tmp_path_factory) -> pathlib.Path:
+    """PATH/{train,test}/class_k/*.png, 10 classes of 32x32 RGB images."""
+    root = tmp_path_factory.mktemp('imagefolder')
+    rng = np.random.default_rng(0)
+    for split, per_class in FOLDER_SPLITS.items():
+        for label in range(FOLDER_CLASSES):
+            directory = root / split / f'class_{label}'
+            directory.mkdir(parents=True)
+            for i in range(per_class):
+                Image.fromarray(folder_image(label, rng)).save(directory / f'{i}.png')
+    return root
