@@ -246,3 +246,26 @@ def test_from_params_is_strict(gluon_reference):
     exported = aff_mx.from_params(model, prefixed)
     plain = aff_mx.from_params(model, params)
     assert np.array_equal(exported['params']['output']['kernel'], plain['params']['output']['kernel'])
+
+
+def test_convert_official_checkpoint_for_inference(gluon_reference, tmp_path):
+    """The README recipe: Gluon .params -> Orbax checkpoint -> model.apply."""
+    import aff_jax
+    import jax.numpy as jnp
+    from aff_jax.interop import convert
+
+    out = gluon_reference('cifar_iaff_resnet32', '1,1,1')
+    target = tmp_path / 'orbax'
+    code = convert.main(['--model', 'cifar_iaff_resnet32', '--mxnet', str(out / 'model.params'),
+                         '--out', str(target)])
+    assert code == 2  # the preset is full depth; the reduced checkpoint must not load silently
+    assert not target.exists()
+    variables = convert.convert('cifar_iaff_resnet32', mxnet=str(out / 'model.params'),
+                                overrides={'layers': (1, 1, 1)})
+    convert.save_variables(str(target), variables)
+    model = aff_jax.create_model('cifar_iaff_resnet32', layers=(1, 1, 1))
+    reference = np.load(out / 'reference.npz')
+    logits = model.apply(convert.load_variables(str(target)),
+                         jnp.asarray(reference['input'].transpose(0, 2, 3, 1)), train=False)
+    expected = reference['logits']
+    assert np.linalg.norm(np.asarray(logits) - expected) / np.linalg.norm(expected) <= 1e-5

@@ -15,7 +15,7 @@ import torch
 
 import aff_jax
 from torch_ref.official import PRESETS as OFFICIAL, build_official, count_trainable
-from torch_ref.port import PRESETS as PORT, build_port
+from aff_jax.reference.torch_port import PRESETS as PORT, build_port
 
 
 def jax_variable_shapes(model):

@@ -1,4 +1,4 @@
-"""aff_jax.interop.torch against the independent PyTorch port reference (`torch_ref.port`).
+"""aff_jax.interop.torch against the independent PyTorch port reference (`aff_jax.reference.torch_port`).
 
 Port models get random weights and non-trivial BN statistics, are loaded with
 `from_state_dict`, and must agree with PyTorch in eval mode and in train mode (logits, updated
@@ -20,7 +20,7 @@ import torch
 
 import aff_jax
 from aff_jax.interop import torch as aff_torch
-from torch_ref import port
+from aff_jax.reference import torch_port as port
 
 TOL = 1e-5
 

@@ -38,3 +38,28 @@ def to_state_dict(model: nn.Module, variables: Mapping[str, Any],
     (out, in) linear weights, int64 ``num_batches_tracked``); load it with
     ``module.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()})``."""
     return naming.from_flax(model, variables, CONVENTION, inputs)
+
+
+def load_state_dict_file(path: str) -> dict[str, np.ndarray]:
+    """A PyTorch checkpoint (``torch.save`` of a state_dict, or of a dict holding one under
+    ``'state_dict'``) or an ``.npz`` of named arrays."""
+    if path.endswith('.npz'):
+        with np.load(path) as data:
+            return {k: data[k] for k in data.files}
+    import torch
+
+    obj = torch.load(path, map_location='cpu', weights_only=True)
+    if isinstance(obj, dict) and 'state_dict' in obj and isinstance(obj['state_dict'], dict):
+        obj = obj['state_dict']
+    if not isinstance(obj, dict):
+        raise ValueError(f'{path}: expected a state_dict (a dict of tensors), got {type(obj).__name__}')
+    return {k: v.numpy() for k, v in obj.items()}
+
+
+def port_fusion(state_dict: Mapping[str, Any]) -> str:
+    """The port's fusion a checkpoint was saved with, read off its keys."""
+    if any('.fuse_mode.local_att2.' in key for key in state_dict):
+        return 'iaff'
+    if any('.fuse_mode.local_att.' in key for key in state_dict):
+        return 'aff'
+    return 'add'

@@ -15,7 +15,7 @@ import math
 
 from torch import nn
 
-from torch_ref.port import attention_branch
+from aff_jax.reference.torch_port import attention_branch
 
 
 class DirectAddFuse(nn.Module):
