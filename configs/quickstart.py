@@ -14,6 +14,7 @@ def get_config():
     c.model = 'cifar_aff_resnet32'
     c.model_overrides.layers = (1, 1, 1)
     c.model_overrides.channels = (8, 8, 16, 32)
+    c.model_overrides.start_layer = 1  # AFF fusion from stage 1 on, i.e. in every block
     c.dataset = 'aff_multiscale'
     c.batch_size = 64
     c.eval_batch_size = 500

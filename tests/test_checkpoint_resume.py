@@ -13,18 +13,14 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from conftest import run_train
+from conftest import TINY_RUN, run_train, tiny_run_overrides
 
-STEPS = 120
-CHECKPOINT_EVERY = 20
+STEPS = TINY_RUN['num_train_steps']
+CHECKPOINT_EVERY = TINY_RUN['checkpoint_every_steps']
 
 
 def _overrides(image_folder):
-    return [f'--config.dataset=imagefolder:{image_folder}',
-            '--config.model_overrides.channels=(8, 8, 16, 32)', '--config.batch_size=16',
-            '--config.eval_batch_size=32', f'--config.num_train_steps={STEPS}',
-            '--config.warmup_steps=5', '--config.mixup_alpha=0.2', '--config.log_every_steps=5',
-            '--config.eval_every_steps=60', f'--config.checkpoint_every_steps={CHECKPOINT_EVERY}']
+    return tiny_run_overrides(f'imagefolder:{image_folder}')
 
 
 def _rows(workdir: pathlib.Path) -> list[dict]:
@@ -76,10 +72,10 @@ def test_uninterrupted_run_reports_what_a_user_needs(uninterrupted):
     rows = _rows(workdir)
     train_steps = [r['step'] for r in rows if 'train/loss' in r]
     assert train_steps == list(range(5, STEPS + 1, 5))
-    assert [r['step'] for r in rows if 'eval/accuracy' in r] == [60, STEPS]
+    assert [r['step'] for r in rows if 'eval/accuracy' in r] == [STEPS // 2, STEPS]
     # The folder's classes are easy: far above the 10% of chance.
     assert rows[-1]['eval/accuracy'] > 0.5
-    assert _complete_steps(workdir) == [80, 100, 120]  # keep_checkpoints = 3
+    assert _complete_steps(workdir) == [STEPS - 40, STEPS - 20, STEPS]  # keep_checkpoints = 3
 
 
 def test_sigkill_then_sigterm_then_resume_is_exact(uninterrupted, tmp_path, image_folder, train_env):

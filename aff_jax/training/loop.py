@@ -74,8 +74,15 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 
 
 def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
-    """Validate ``config`` against the dataset and the devices and build the model and mesh."""
+    """Validate ``config`` against the devices and the dataset; build the mesh and the model.
+
+    The cheap checks come first, so a bad key fails before a dataset is prepared.
+    """
     check_config(config)
+    mesh = mesh_lib.make_mesh(config.mesh_shape)
+    mesh_lib.check_batch_size(config.batch_size, mesh)
+    mesh_lib.check_batch_size(config.eval_batch_size, mesh, key='eval_batch_size')
+    rules = mesh_lib.check_rules(config.logical_axis_rules)
     try:
         info = pipeline.get_info(config.dataset, data_dir=config.data_dir)
     except ValueError as e:
@@ -87,16 +94,12 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
     height, width, channels = info.image_shape
     if config.image_size is not None:
         height = width = config.image_size
-    mesh = mesh_lib.make_mesh(config.mesh_shape)
-    mesh_lib.check_batch_size(config.batch_size, mesh)
-    mesh_lib.check_batch_size(config.eval_batch_size, mesh, key='eval_batch_size')
     try:
         model = aff_jax.create_model(config.model, num_classes=num_classes, fusion=config.fusion,
                                      dtype=DTYPES[config.dtype], **config.model_overrides)
     except (TypeError, ValueError) as e:
         raise ConfigError(f'config.model_overrides: {e}') from e
-    return Experiment(config, info, num_classes, (height, width, channels), mesh, model,
-                      mesh_lib.check_rules(config.logical_axis_rules))
+    return Experiment(config, info, num_classes, (height, width, channels), mesh, model, rules)
 
 
 def _iterator(exp: Experiment, split: str, global_batch: int, train: bool) -> Iterator:
@@ -107,7 +110,7 @@ def _iterator(exp: Experiment, split: str, global_batch: int, train: bool) -> It
             train=train, data_dir=exp.config.data_dir, image_size=exp.config.image_size,
             process_index=index, process_count=count, worker_count=exp.config.data_workers)
     except ValueError as e:
-        raise ConfigError(f'config.dataset: {e}') from e
+        raise ConfigError(f'config.dataset={exp.config.dataset!r}: {e}') from e
 
 
 def _to_global(batch: dict[str, np.ndarray], sharding: jax.sharding.NamedSharding,
@@ -121,23 +124,28 @@ def evaluate(exp: Experiment, eval_step, state: state_lib.TrainState) -> dict[st
     """One pass over the held-out split: ``eval/loss``, ``eval/accuracy``, ``eval/count``."""
     sharding = mesh_lib.batch_sharding(exp.mesh)
     totals = None
-    for batch in _iterator(exp, 'test', exp.config.eval_batch_size, train=False):
+    iterator = _iterator(exp, 'test', exp.config.eval_batch_size, train=False)
+    for batch in iterator:
         sums = eval_step(state, _to_global(batch, sharding, exp.config.eval_batch_size))
         totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+    iterator.close()
     count = float(totals['count'])
     return {'eval/loss': float(totals['loss']) / count,
             'eval/accuracy': float(totals['correct']) / count, 'eval/count': count}
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> RunResult:
-    """Train ``config`` in ``workdir``, resuming from its newest complete checkpoint if any."""
+    """Train ``config`` in ``workdir``, resuming from its newest complete checkpoint if any.
+
+    Writes ``workdir/checkpoints``, ``metrics.jsonl``, ``tensorboard/`` and ``curves.png``;
+    prints the model summary first and the final held-out accuracy last (process 0).
+    """
     exp = build_experiment(config)
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     is_main = jax.process_index() == 0
     tx = optimizer_lib.make_optimizer(config)
-    init_rng, step_rng = jax.random.split(
-        jax.random.key(config.seed, impl=config.rng_impl))
+    init_rng, step_rng = jax.random.split(jax.random.key(config.seed, impl=config.rng_impl))
     with jax.set_mesh(exp.mesh):
         init_fn, abstract_state, shardings = state_lib.state_layout(
             exp.model, tx, (1, *exp.input_shape), exp.mesh, exp.rules)
@@ -148,6 +156,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         if latest is None:
             state = state_lib.create_state(init_fn, shardings, init_rng)
         else:
+            # The iterator moves to the saved position too: the data order continues exactly.
             state = checkpointer.restore(
                 latest, state_lib.with_shardings(abstract_state, shardings), train_iter)
         start = int(state.step)
@@ -159,40 +168,57 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
             step_rng, shardings, batch_sharding)
         eval_step = steps.make_eval_step(exp.model, exp.num_classes, shardings, batch_sharding)
         writer = MetricsWriter(workdir, start, enabled=is_main)
-        bar = ProgressBar(config.num_train_steps, start, enabled=is_main)
-        config_dict = config.to_dict()
-        preempted = False
-        for step in range(start + 1, config.num_train_steps + 1):
-            batch = _to_global(next(train_iter), batch_sharding, config.batch_size)
-            state, metrics = train_step(state, batch)
-            bar.advance()
-            if step % config.log_every_steps == 0 or step == config.num_train_steps:
-                values = {name: float(value) for name, value in metrics.items()}
-                writer.write(step, values)
-                bar.show({k: values[k] for k in ('train/loss', 'train/accuracy')})
-            if step % config.eval_every_steps == 0 and step != config.num_train_steps:
-                values = evaluate(exp, eval_step, state)
-                writer.write(step, {k: values[k] for k in ('eval/loss', 'eval/accuracy')})
-                bar.print(f'step {step}: eval/loss {values["eval/loss"]:.4f}, '
-                          f'eval/accuracy {values["eval/accuracy"]:.4f}')
-            preempted = checkpointer.preempted(step)
-            checkpointer.save(step, state, train_iter, config_dict,
-                              force=step == config.num_train_steps)
-            if preempted:
-                break
-        bar.close()
+        state, preempted = _train(exp, state, train_iter, train_step, eval_step, checkpointer,
+                                  writer)
         final = None
         if not preempted:
             final = evaluate(exp, eval_step, state)
             if start < config.num_train_steps:
-                writer.write(config.num_train_steps,
-                             {k: final[k] for k in ('eval/loss', 'eval/accuracy')})
+                writer.write(config.num_train_steps, _eval_row(final))
         checkpointer.close()
         writer.close()
+        train_iter.close()
     step = int(state.step)
     if is_main:
         _print_end(exp, workdir, step, final)
     return RunResult(step, final, preempted)
+
+
+def _train(exp: Experiment, state: state_lib.TrainState, train_iter: Iterator, train_step,
+           eval_step, checkpointer: Checkpointer, writer: MetricsWriter
+           ) -> tuple[state_lib.TrainState, bool]:
+    """Steps ``state.step + 1 .. num_train_steps``; returns the state and whether a SIGTERM
+    (or a preemption notice) stopped it early, after a checkpoint of the step it reached."""
+    config = exp.config
+    batch_sharding = mesh_lib.batch_sharding(exp.mesh)
+    config_dict = config.to_dict()
+    bar = ProgressBar(config.num_train_steps, int(state.step), enabled=writer.enabled)
+    preempted = False
+    for step in range(int(state.step) + 1, config.num_train_steps + 1):
+        state, metrics = train_step(
+            state, _to_global(next(train_iter), batch_sharding, config.batch_size))
+        bar.advance()
+        # The logged values are those of this one step, so that a run resumed at any step
+        # logs exactly what the uninterrupted run did.
+        if step % config.log_every_steps == 0 or step == config.num_train_steps:
+            values = {name: float(value) for name, value in metrics.items()}
+            writer.write(step, values)
+            bar.show({name: values[name] for name in ('train/loss', 'train/accuracy')})
+        if step % config.eval_every_steps == 0 and step != config.num_train_steps:
+            values = _eval_row(evaluate(exp, eval_step, state))
+            writer.write(step, values)
+            bar.print(f'step {step}: ' + ', '.join(f'{k} {v:.4f}' for k, v in values.items()))
+        preempted = checkpointer.preempted(step)
+        checkpointer.save(step, state, train_iter, config_dict,
+                          force=step == config.num_train_steps)
+        if preempted:
+            break
+    bar.close()
+    return state, preempted
+
+
+def _eval_row(values: dict[str, float]) -> dict[str, float]:
+    return {name: values[name] for name in ('eval/loss', 'eval/accuracy')}
 
 
 def _print_start(exp: Experiment, abstract_state: state_lib.TrainState, start: int) -> None:

@@ -9,7 +9,6 @@ import pathlib
 import sys
 
 import tqdm
-from tensorboardX import SummaryWriter
 
 METRICS_FILE = 'metrics.jsonl'
 TENSORBOARD_DIR = 'tensorboard'
@@ -37,6 +36,9 @@ class MetricsWriter:
         self.path = workdir / METRICS_FILE
         kept = [row for row in read_metrics(self.path) if row['step'] <= start_step]
         self.path.write_text(''.join(json.dumps(row) + '\n' for row in kept))
+        # Imported here: tensorboardX imports PyTorch when it is installed (seconds), which a
+        # run that stops at a config error, or a process that does not write, need not pay.
+        from tensorboardX import SummaryWriter
         self.tensorboard = SummaryWriter(str(workdir / TENSORBOARD_DIR), purge_step=start_step)
 
     def write(self, step: int, values: dict[str, float]) -> None:
@@ -67,7 +69,7 @@ class ProgressBar:
                              refresh=False)
 
     def print(self, line: str) -> None:
-        """A line above the bar (or plainly, when the bar is disabled on this process)."""
+        """A line above the bar; nothing on the processes that have no bar."""
         if not self.bar.disable:
             self.bar.write(line, file=sys.stderr)
 

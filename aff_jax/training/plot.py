@@ -3,17 +3,18 @@ from __future__ import annotations
 
 import pathlib
 
-import matplotlib
-
-matplotlib.use('Agg')
-import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
+from matplotlib.figure import Figure
 
 CURVES_FILE = 'curves.png'
 
 
 def plot_curves(rows: list[dict], path: pathlib.Path, title: str) -> None:
-    """Loss (left) and accuracy (right) against step, train and eval, from metrics rows."""
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    """Loss (left) and accuracy (right) against step, train and eval, from metrics rows.
+
+    Uses a bare ``Figure`` (no pyplot), so the user's matplotlib backend is left alone.
+    """
+    fig = Figure(figsize=(11, 4))
+    axes = fig.subplots(1, 2)
     for ax, quantity in zip(axes, ('loss', 'accuracy')):
         for split, style in (('train', '-'), ('eval', 'o-')):
             name = f'{split}/{quantity}'
@@ -28,4 +29,3 @@ def plot_curves(rows: list[dict], path: pathlib.Path, title: str) -> None:
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)

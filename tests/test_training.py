@@ -1,0 +1,254 @@
+"""Training pieces against closed forms and NumPy references, and the command line's answers
+to bad input; one TFDS (mock) dataset trains end to end."""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import aff_jax
+from aff_jax.layers import conv2d, dense
+from aff_jax.training import loop, optimizer, steps, summary
+from aff_jax.training import mesh as mesh_lib
+from aff_jax.training.config import base_config, load_config
+from aff_jax.training.errors import ConfigError
+from conftest import REPO, TINY_RUN, run_train
+
+
+def _config(**values):
+    config = base_config()
+    config.update(values)
+    return config
+
+
+# Learning-rate schedules -----------------------------------------------------------------
+
+def test_cosine_schedule_is_linear_warmup_then_half_cosine():
+    schedule = optimizer.make_schedule(_config(learning_rate=0.2, warmup_steps=10,
+                                               num_train_steps=110, schedule='cosine'))
+    for step in (0, 3, 10, 35, 60, 109, 110):
+        expected = (0.2 * step / 10 if step < 10
+                    else 0.1 * (1 + math.cos(math.pi * (step - 10) / 100)))
+        assert float(schedule(step)) == pytest.approx(expected, abs=1e-7), step
+
+
+def test_step_schedule_decays_at_absolute_steps():
+    schedule = optimizer.make_schedule(_config(
+        learning_rate=0.2, warmup_steps=4, num_train_steps=100, schedule='step',
+        lr_decay_boundaries=(30, 60), lr_decay_factor=0.1))
+    for step, expected in ((0, 0.0), (2, 0.1), (4, 0.2), (29, 0.2), (30, 0.02), (59, 0.02),
+                           (60, 0.002), (99, 0.002)):
+        assert float(schedule(step)) == pytest.approx(expected, rel=1e-6), step
+
+
+def test_learning_rate_scales_with_the_global_batch():
+    config = _config(learning_rate=0.075, lr_base_batch_size=512, batch_size=2048,
+                     schedule='constant', warmup_steps=0)
+    assert optimizer.peak_learning_rate(config) == pytest.approx(0.3)
+    assert float(optimizer.make_schedule(config)(7)) == pytest.approx(0.3)
+
+
+@pytest.mark.parametrize('values, key', [
+    (dict(schedule='linear'), 'config.schedule'),
+    (dict(warmup_steps=1000, num_train_steps=1000), 'config.warmup_steps'),
+    (dict(schedule='step', lr_decay_boundaries=(50, 20)), 'config.lr_decay_boundaries'),
+    (dict(lr_base_batch_size=0), 'config.lr_base_batch_size'),
+])
+def test_bad_schedule_keys_are_named(values, key):
+    with pytest.raises(ConfigError, match=key):
+        optimizer.make_schedule(_config(**values))
+
+
+# The optimizer: Gluon's 'nag' ---------------------------------------------------------------
+
+def _gluon_nag(weights, grads_per_step, lr, momentum, wd, decayed):
+    """MXNet's NAG update: g += wd * w (where decayed); m = momentum * m + g;
+    w -= lr * (g + momentum * m)."""
+    weights = {k: v.copy() for k, v in weights.items()}
+    moms = {k: np.zeros_like(v) for k, v in weights.items()}
+    for grads in grads_per_step:
+        for k in weights:
+            g = grads[k] + (wd * weights[k] if decayed[k] else 0.0)
+            moms[k] = momentum * moms[k] + g
+            weights[k] = weights[k] - lr * (g + momentum * moms[k])
+    return weights
+
+
+@pytest.mark.parametrize('decay_bn_bias', [False, True])
+def test_optimizer_matches_gluon_nag_with_weight_decay_mask(decay_bn_bias):
+    rng = np.random.default_rng(0)
+    shapes = {'conv/kernel': (3, 3, 2, 4), 'conv/bias': (4,), 'bn/scale': (4,), 'bn/bias': (4,),
+              'output/kernel': (4, 3)}
+    weights = {k: rng.normal(size=s).astype(np.float32) for k, s in shapes.items()}
+    grads = [{k: rng.normal(size=s).astype(np.float32) for k, s in shapes.items()}
+             for _ in range(3)]
+
+    def tree(flat):
+        nested = {}
+        for key, value in flat.items():
+            module, name = key.split('/')
+            nested.setdefault(module, {})[name] = jnp.asarray(value)
+        return nested
+
+    config = _config(learning_rate=0.1, schedule='constant', warmup_steps=0, momentum=0.9,
+                     nesterov=True, weight_decay=0.01, weight_decay_bn_bias=decay_bn_bias)
+    tx = optimizer.make_optimizer(config)
+    params = tree(weights)
+    state = tx.init(params)
+    for g in grads:
+        updates, state = tx.update(tree(g), state, params)
+        params = jax.tree.map(lambda p, u: p + u, params, updates)
+    decayed = {k: decay_bn_bias or k.endswith('kernel') for k in shapes}
+    expected = _gluon_nag(weights, grads, 0.1, 0.9, 0.01, decayed)
+    for key, value in expected.items():
+        module, name = key.split('/')
+        np.testing.assert_allclose(params[module][name], value, rtol=1e-5, atol=1e-6, err_msg=key)
+
+
+# Loss: label smoothing and mixup as in train_cifar.py ----------------------------------------
+
+def test_mixup_and_label_smoothing_cross_entropy_match_the_official_targets():
+    rng = np.random.default_rng(1)
+    classes, eta, lam = 7, 0.1, 0.3
+    labels = rng.integers(0, classes, 6)
+    images = rng.normal(size=(6, 4, 4, 3)).astype(np.float32)
+    logits = rng.normal(size=(6, classes)).astype(np.float32)
+
+    def official_one_hot(y):  # on 1 - eta + eta/K, off eta/K
+        out = np.full((len(y), classes), eta / classes)
+        out[np.arange(len(y)), y] = 1 - eta + eta / classes
+        return out
+
+    targets = lam * official_one_hot(labels) + (1 - lam) * official_one_hot(labels[::-1])
+    shifted = logits - logits.max(1, keepdims=True)
+    log_softmax = shifted - np.log(np.exp(shifted).sum(1, keepdims=True))
+    expected = -(targets * log_softmax).sum(1)
+
+    mixed_images, mixed_targets = steps.mixup(
+        jnp.asarray(images), steps.smoothed_one_hot(jnp.asarray(labels), classes, eta), lam)
+    np.testing.assert_allclose(mixed_images, lam * images + (1 - lam) * images[::-1], rtol=1e-6)
+    np.testing.assert_allclose(mixed_targets, targets, rtol=1e-6)
+    np.testing.assert_allclose(steps.cross_entropy(jnp.asarray(logits), mixed_targets), expected,
+                               rtol=1e-5)
+
+
+@pytest.mark.parametrize('values, key', [
+    (dict(label_smoothing=1.0), 'config.label_smoothing'),
+    (dict(mixup_alpha=-1.0), 'config.mixup_alpha'),
+    (dict(mixup_off_steps=2000, num_train_steps=1000), 'config.mixup_off_steps'),
+])
+def test_bad_regularisation_keys_are_named(values, key):
+    with pytest.raises(ConfigError, match=key):
+        steps.check_regularisation(_config(**values))
+
+
+# Mesh ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize('shape, devices, expected', [
+    ((-1, 1), 8, (8, 1)), ((2, -1), 8, (2, 4)), ((4, 2), 8, (4, 2)), ((1, 1), 8, (1, 1)),
+    ((2, 1), 8, (2, 1)),
+])
+def test_mesh_shape_resolution(shape, devices, expected):
+    assert mesh_lib.resolve_mesh_shape(shape, devices) == expected
+
+
+@pytest.mark.parametrize('shape', [(3, 1), (-1, -1), (0, 1), (2, 2, 2), (16, 1)])
+def test_bad_mesh_shapes_are_named(shape):
+    with pytest.raises(ConfigError, match='config.mesh_shape'):
+        mesh_lib.resolve_mesh_shape(shape, 8)
+
+
+def test_bad_logical_axis_rules_are_named():
+    with pytest.raises(ConfigError, match='config.logical_axis_rules'):
+        mesh_lib.check_rules([('conv_out', 'tensor')])
+
+
+# Summary: parameters and FLOPs ---------------------------------------------------------------
+
+class _ConvDense(nn.Module):
+    @nn.compact
+    def __call__(self, x, train=False):
+        x = conv2d(8, 3, stride=2, padding=1)(x)
+        return dense(5)(x.reshape(x.shape[0], -1))
+
+
+def test_flops_and_parameters_per_image_against_a_closed_form():
+    model = _ConvDense()
+    variables = nn.meta.unbox(jax.eval_shape(
+        lambda: model.init(jax.random.key(0), jnp.zeros((1, 10, 10, 3)))))
+    assert summary.count_params(variables['params']) == 3 * 3 * 3 * 8 + (5 * 5 * 8) * 5 + 5
+    # XLA counts the multiply-adds that touch real pixels: along each axis the 5 outputs of a
+    # stride-2, pad-1 3x3 window over 10 pixels see 2, 3, 3, 3, 3 of them.
+    taps_per_axis = sum(sum(0 <= 2 * o - 1 + k < 10 for k in range(3)) for o in range(5))
+    conv = 2 * taps_per_axis ** 2 * 3 * 8
+    fully_connected = 2 * 200 * 5 + 5
+    assert summary.flops_per_image(model, variables, (10, 10, 3)) == conv + fully_connected
+
+
+# The command line ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize('overrides, devices, key', [
+    (['--config.dataset=no_such_dataset'], 1, 'config.dataset'),
+    (['--config.model=no_such_model'], 1, 'config.model'),
+    (['--config.fusion=no_such_fusion'], 1, 'config.fusion'),
+    (['--config.mesh_shape=(3, 1)'], 4, 'config.mesh_shape'),
+    (['--config.batch_size=6'], 4, 'config.batch_size'),
+], ids=['dataset', 'model', 'fusion', 'mesh', 'batch'])
+def test_bad_input_exits_nonzero_with_a_one_line_reason(tmp_path, train_env, overrides, devices,
+                                                         key):
+    env = dict(train_env, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+    process = run_train(tmp_path / 'run', overrides, env)
+    stdout, stderr = process.communicate(timeout=300)
+    assert process.returncode == 1
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f'error: {key}'), stderr
+    assert 'Traceback' not in stderr
+
+
+_TFDS_SCRIPT = '''
+import json, sys
+import tensorflow_datasets as tfds
+from aff_jax.training import loop
+from aff_jax.training.config import load_config
+
+examples, workdir, values = int(sys.argv[1]), sys.argv[2], json.loads(sys.argv[3])
+config = load_config('configs/quickstart.py')
+config.update_from_flattened_dict(values)
+with tfds.testing.mock_data(num_examples=examples):
+    result = loop.train_and_evaluate(config, workdir)
+print(json.dumps(result.eval_metrics))
+'''
+
+
+def test_a_tfds_dataset_trains(tmp_path, train_env):
+    """cifar10 through tfds.testing.mock_data (random images and labels): it trains, and the
+    held-out count shows that the padding of the last eval batch is masked out."""
+    examples = 50  # two eval batches of 32, the second with 14 padding examples
+    values = {**TINY_RUN, 'dataset': 'cifar10'}
+    process = subprocess.run(
+        [sys.executable, '-c', _TFDS_SCRIPT, str(examples), str(tmp_path / 'run'),
+         json.dumps(values)], cwd=REPO, env=train_env, capture_output=True, text=True, timeout=600)
+    assert process.returncode == 0, process.stderr[-3000:]
+    metrics = json.loads(process.stdout.strip().splitlines()[-1])
+    assert metrics['eval/count'] == examples
+    assert 0.0 <= metrics['eval/accuracy'] <= 1.0 and np.isfinite(metrics['eval/loss'])
+    rows = [json.loads(line) for line in (tmp_path / 'run' / 'metrics.jsonl').read_text().splitlines()]
+    assert rows[-1]['step'] == TINY_RUN['num_train_steps']
+
+
+@pytest.mark.parametrize('path, args', [
+    *((p.name, ()) for p in sorted((REPO / 'configs').glob('*.py'))),
+    ('cifar100_aff_resnet32.py', ('step',)),
+])
+def test_every_shipped_config_is_valid_and_builds_its_model(path, args):
+    config = load_config(REPO / 'configs' / path, *args)
+    loop.check_config(config)
+    aff_jax.create_model(config.model, num_classes=config.num_classes, fusion=config.fusion,
+                         **config.model_overrides)
