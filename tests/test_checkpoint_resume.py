@@ -4,6 +4,7 @@ parameters as the run that was never interrupted."""
 from __future__ import annotations
 
 import json
+import shutil
 import pathlib
 import signal
 import time
@@ -122,3 +123,16 @@ def test_sigkill_then_sigterm_then_resume_is_exact(uninterrupted, tmp_path, imag
     for (path, want), (_, got) in zip(expected, actual):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want),
                                       err_msg=jax.tree_util.keystr(path))
+
+
+def test_resuming_with_another_model_is_a_one_line_error(uninterrupted, tmp_path, image_folder,
+                                                         train_env):
+    workdir = tmp_path / 'copy'
+    shutil.copytree(uninterrupted[0], workdir)
+    process = run_train(workdir, [*_overrides(image_folder),
+                                  '--config.model_overrides.channels=(8, 8, 16, 64)'], train_env)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 1
+    [line] = stderr.strip().splitlines()
+    assert line.startswith(f'error: cannot resume from the checkpoint at step {STEPS}'), line
+    assert 'model_overrides.channels: [8, 8, 16, 32] -> [8, 8, 16, 64]' in line

@@ -47,7 +47,8 @@ class Checkpointer:
             # the same step again.
             cleanup_tmp_directories=True,
         )
-        self.manager = ocp.CheckpointManager(directory.absolute(), options=options)
+        self.directory = directory.absolute()
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
         self._sigterm_received = False
         self._previous_handler = None
         if jax.process_count() == 1:
@@ -74,6 +75,11 @@ class Checkpointer:
             config=ocp.args.JsonSave(config),
         )
         return self.manager.save(step, args=args, force=force or self._sigterm_received)
+
+    def saved_config(self, step: int) -> dict:
+        """The config checkpoint ``step`` was saved with (JSON: tuples read back as lists)."""
+        return self.manager.restore(step, args=ocp.args.Composite(
+            config=ocp.args.JsonRestore()))['config']
 
     def restore(self, step: int, target: TrainState, data_iterator: Any) -> TrainState:
         """The state of checkpoint ``step`` laid out as ``target`` (ShapeDtypeStructs with the

@@ -6,6 +6,7 @@ that is not listed here is rejected by ml_collections.
 from __future__ import annotations
 
 import importlib.util
+import json
 import pathlib
 
 import ml_collections
@@ -82,3 +83,17 @@ def load_config(path: str | pathlib.Path, *args: str) -> ml_collections.ConfigDi
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.get_config(*args)
+
+
+def changed_keys(saved: dict, current: ml_collections.ConfigDict) -> list[str]:
+    """``'key: old -> new'`` for every key whose value differs between a checkpoint's saved
+    config (as JSON) and ``current``; nested keys are dotted (``model_overrides.layers``)."""
+    def flatten(tree, prefix=''):
+        if isinstance(tree, dict):
+            return {k: v for key, value in tree.items()
+                    for k, v in flatten(value, f'{prefix}{key}.').items()}
+        return {prefix[:-1]: tree}
+
+    old, new = flatten(saved), flatten(json.loads(current.to_json()))
+    return [f'{key}: {old.get(key)!r} -> {new.get(key)!r}'
+            for key in sorted(old.keys() | new.keys()) if old.get(key) != new.get(key)]

@@ -21,6 +21,7 @@ from aff_jax.training import optimizer as optimizer_lib
 from aff_jax.training import state as state_lib
 from aff_jax.training import steps, summary
 from aff_jax.training.checkpoint import Checkpointer
+from aff_jax.training.config import changed_keys
 from aff_jax.training.errors import ConfigError
 from aff_jax.training.metrics import METRICS_FILE, MetricsWriter, ProgressBar, read_metrics
 from aff_jax.training.plot import CURVES_FILE, plot_curves
@@ -153,15 +154,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
                                     config.keep_checkpoints)
         train_iter = _iterator(exp, 'train', config.batch_size, train=True)
         latest = checkpointer.latest_step()
+        changes = []
         if latest is None:
             state = state_lib.create_state(init_fn, shardings, init_rng)
         else:
-            # The iterator moves to the saved position too: the data order continues exactly.
-            state = checkpointer.restore(
-                latest, state_lib.with_shardings(abstract_state, shardings), train_iter)
+            changes = changed_keys(checkpointer.saved_config(latest), config)
+            state = _restore(checkpointer, latest, abstract_state, shardings, train_iter, changes)
         start = int(state.step)
         if is_main:
-            _print_start(exp, abstract_state, start)
+            _print_start(exp, abstract_state, start, changes)
         batch_sharding = mesh_lib.batch_sharding(exp.mesh)
         train_step = steps.make_train_step(
             exp.model, tx, optimizer_lib.make_schedule(config), config, exp.num_classes,
@@ -182,6 +183,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     if is_main:
         _print_end(exp, workdir, step, final)
     return RunResult(step, final, preempted)
+
+
+def _restore(checkpointer: Checkpointer, step: int, abstract_state: state_lib.TrainState,
+             shardings: state_lib.TrainState, train_iter: Iterator,
+             changes: list[str]) -> state_lib.TrainState:
+    """The checkpointed state on the current mesh; the iterator moves to the saved position
+    too, so the data order continues exactly. A checkpoint of another model is a ConfigError."""
+    try:
+        return checkpointer.restore(
+            step, state_lib.with_shardings(abstract_state, shardings), train_iter)
+    except ValueError as e:
+        reason = str(e).splitlines()[0]
+        raise ConfigError(
+            f'cannot resume from the checkpoint at step {step} in {checkpointer.directory}: '
+            f'{reason}; the config differs from the checkpoint\'s in: {"; ".join(changes)}'
+            f' -- use a new --workdir for a new run') from e
 
 
 def _train(exp: Experiment, state: state_lib.TrainState, train_iter: Iterator, train_step,
@@ -221,7 +238,8 @@ def _eval_row(values: dict[str, float]) -> dict[str, float]:
     return {name: values[name] for name in ('eval/loss', 'eval/accuracy')}
 
 
-def _print_start(exp: Experiment, abstract_state: state_lib.TrainState, start: int) -> None:
+def _print_start(exp: Experiment, abstract_state: state_lib.TrainState, start: int,
+                 changes: list[str]) -> None:
     variables = {'params': abstract_state.params, 'batch_stats': abstract_state.batch_stats}
     flops = summary.flops_per_image(exp.model, variables, exp.input_shape)
     print(summary.describe(exp.config.model, summary.count_params(abstract_state.params), flops))
@@ -233,6 +251,9 @@ def _print_start(exp: Experiment, abstract_state: state_lib.TrainState, start: i
           f'images of {exp.input_shape}, {exp.info.num_classes} classes')
     if start:
         print(f'resuming from the checkpoint at step {start}')
+    if changes:
+        print('the config differs from the checkpoint\'s, so the run will not continue exactly '
+              'as it would have: ' + '; '.join(changes))
 
 
 def _print_end(exp: Experiment, workdir: pathlib.Path, step: int, final: dict | None) -> None:

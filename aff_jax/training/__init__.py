@@ -1,0 +1,8 @@
+"""Training: ``python -m train`` runs ``loop.train_and_evaluate``.
+
+Modules: ``config`` (every config key and its default), ``mesh`` (the ``('data', 'model')``
+mesh and shardings), ``state`` (the TrainState, created sharded), ``optimizer`` (schedules and
+Gluon-style Nesterov SGD), ``steps`` (the jitted train and eval steps), ``checkpoint`` (Orbax),
+``metrics`` (metrics.jsonl, TensorBoard, progress bar), ``plot`` (curves.png), ``summary``
+(parameters and FLOPs), ``loop`` (the loop itself), ``errors`` (ConfigError).
+"""
