@@ -54,7 +54,8 @@ def get_config(schedule: str = 'cosine'):
         c.lr_decay_factor = 0.1
         c.weight_decay_bn_bias = True
     else:
-        raise ValueError(f"schedule must be 'cosine' or 'step' (configs/...py:step), got {schedule!r}")
+        raise ValueError(f"the config argument (FILE.py:ARG) must be 'cosine' or 'step', "
+                         f"got {schedule!r}")
     c.log_every_steps = STEPS_PER_EPOCH
     c.eval_every_steps = 10 * STEPS_PER_EPOCH
     c.checkpoint_every_steps = 10 * STEPS_PER_EPOCH

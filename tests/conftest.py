@@ -21,8 +21,10 @@ def train_env(tmp_path_factory) -> dict[str, str]:
     """Environment for training subprocesses: one CPU device, a TFDS data dir of their own,
     and a compilation cache they share, so that runs of one config compile once."""
     cache = tmp_path_factory.mktemp('jax_cache')
-    env = dict(os.environ, PYTHONPATH=str(REPO), TFDS_DATA_DIR=str(tmp_path_factory.mktemp('tfds')),
-               JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+    env = dict(os.environ, PYTHONPATH=str(REPO),
+               TFDS_DATA_DIR=str(tmp_path_factory.mktemp('tfds')),
+               JAX_COMPILATION_CACHE_DIR=str(cache),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
     env.pop('XLA_FLAGS', None)
     return env

@@ -79,7 +79,8 @@ def test_uninterrupted_run_reports_what_a_user_needs(uninterrupted):
     assert _complete_steps(workdir) == [STEPS - 40, STEPS - 20, STEPS]  # keep_checkpoints = 3
 
 
-def test_sigkill_then_sigterm_then_resume_is_exact(uninterrupted, tmp_path, image_folder, train_env):
+def test_sigkill_then_sigterm_then_resume_is_exact(uninterrupted, tmp_path, image_folder,
+                                                   train_env):
     workdir = tmp_path / 'interrupted'
     overrides = _overrides(image_folder)
 

@@ -79,9 +79,9 @@ def _worker(out: pathlib.Path) -> None:
                 state, metrics = train_step(state, jax.device_put(batch, batch_sharding))
                 losses.append(float(metrics['train/loss']))
             flat(state, f'{name}/final')
-            info[name] = {'losses': losses,
-                          'kernel_spec': list(state.params['output']['kernel'].sharding.spec),
-                          'kernel_devices': len(state.params['output']['kernel'].sharding.device_set)}
+            classifier = state.params['output']['kernel'].sharding
+            info[name] = {'losses': losses, 'kernel_spec': list(classifier.spec),
+                          'kernel_devices': len(classifier.device_set)}
             runs[name] = (mesh, abstract, shardings, train_step, state)
 
     # Save the (4, 2) state and a data iterator that has produced STEPS batches.
@@ -96,7 +96,8 @@ def _worker(out: pathlib.Path) -> None:
     with jax.set_mesh(mesh):
         checkpointer.save(STEPS, state, saved_iterator, _config().to_dict(), force=True)
         checkpointer.close()
-        _, metrics = train_step(state, jax.device_put(batches[STEPS], mesh_lib.batch_sharding(mesh)))
+        _, metrics = train_step(state,
+                                jax.device_put(batches[STEPS], mesh_lib.batch_sharding(mesh)))
     info['4x2']['next_loss'] = float(metrics['train/loss'])
     info['next_data'] = next(saved_iterator).tolist()
 

@@ -239,7 +239,8 @@ def test_a_tfds_dataset_trains(tmp_path, train_env):
     metrics = json.loads(process.stdout.strip().splitlines()[-1])
     assert metrics['eval/count'] == examples
     assert 0.0 <= metrics['eval/accuracy'] <= 1.0 and np.isfinite(metrics['eval/loss'])
-    rows = [json.loads(line) for line in (tmp_path / 'run' / 'metrics.jsonl').read_text().splitlines()]
+    metrics_file = tmp_path / 'run' / 'metrics.jsonl'
+    rows = [json.loads(line) for line in metrics_file.read_text().splitlines()]
     assert rows[-1]['step'] == TINY_RUN['num_train_steps']
 
 

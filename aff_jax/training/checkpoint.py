@@ -48,7 +48,12 @@ class Checkpointer:
             cleanup_tmp_directories=True,
         )
         self.directory = directory.absolute()
-        self.manager = ocp.CheckpointManager(self.directory, options=options)
+        # Handlers given up front, so a fresh process can read a checkpoint's metadata.
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers={
+            'state': ocp.StandardCheckpointHandler(),
+            'data': grain.checkpoint.CheckpointHandler(),
+            'config': ocp.JsonCheckpointHandler(),
+        })
         self._sigterm_received = False
         self._previous_handler = None
         if jax.process_count() == 1:
@@ -81,6 +86,16 @@ class Checkpointer:
         return self.manager.restore(step, args=ocp.args.Composite(
             config=ocp.args.JsonRestore()))['config']
 
+    def mismatches(self, step: int, target: TrainState) -> list[str]:
+        """How the arrays saved at ``step`` differ from ``target`` in names, shapes and dtypes
+        (empty when the checkpoint fits). Reads metadata only."""
+        saved = _shapes(self.manager.item_metadata(step)['state'])
+        wanted = _shapes(target)
+        return [f'{name}: saved {saved.get(name, "nothing")}, this config needs '
+                f'{wanted.get(name, "nothing")}'
+                for name in sorted(saved.keys() | wanted.keys())
+                if saved.get(name) != wanted.get(name)]
+
     def restore(self, step: int, target: TrainState, data_iterator: Any) -> TrainState:
         """The state of checkpoint ``step`` laid out as ``target`` (ShapeDtypeStructs with the
         current mesh's shardings, which may differ from the mesh that saved); the iterator is
@@ -98,3 +113,13 @@ class Checkpointer:
         if self._previous_handler is not None:
             signal.signal(signal.SIGTERM, self._previous_handler)
             self._previous_handler = None
+
+
+def _shapes(tree: Any) -> dict[str, str]:
+    """``'params/output/kernel' -> 'float32(32, 10)'`` for every array of a state tree, from
+    arrays, ShapeDtypeStructs or Orbax metadata alike."""
+    def name(path):
+        return '/'.join(str(getattr(k, 'key', getattr(k, 'idx', getattr(k, 'name', k))))
+                        for k in path)
+    return {name(path): f'{jax.numpy.dtype(leaf.dtype).name}{tuple(leaf.shape)}'
+            for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}

@@ -190,15 +190,16 @@ def _restore(checkpointer: Checkpointer, step: int, abstract_state: state_lib.Tr
              changes: list[str]) -> state_lib.TrainState:
     """The checkpointed state on the current mesh; the iterator moves to the saved position
     too, so the data order continues exactly. A checkpoint of another model is a ConfigError."""
-    try:
-        return checkpointer.restore(
-            step, state_lib.with_shardings(abstract_state, shardings), train_iter)
-    except ValueError as e:
-        reason = str(e).splitlines()[0]
+    mismatches = checkpointer.mismatches(step, abstract_state)
+    if mismatches:
+        shown = '; '.join(mismatches[:3]) + (f' (and {len(mismatches) - 3} more)'
+                                             if len(mismatches) > 3 else '')
         raise ConfigError(
-            f'cannot resume from the checkpoint at step {step} in {checkpointer.directory}: '
-            f'{reason}; the config differs from the checkpoint\'s in: {"; ".join(changes)}'
-            f' -- use a new --workdir for a new run') from e
+            f'cannot resume from the checkpoint at step {step} in {checkpointer.directory}, it '
+            f'holds another model: {shown}. The config differs from the checkpoint\'s in: '
+            f'{"; ".join(changes) or "nothing"}. Use a new --workdir for a new run')
+    return checkpointer.restore(step, state_lib.with_shardings(abstract_state, shardings),
+                                train_iter)
 
 
 def _train(exp: Experiment, state: state_lib.TrainState, train_iter: Iterator, train_step,

@@ -61,12 +61,12 @@ class ProgressBar:
         self.bar = tqdm.tqdm(total=total_steps, initial=start_step, unit='step',
                              dynamic_ncols=True, disable=not enabled, file=sys.stderr)
 
-    def advance(self, steps: int = 1) -> None:
-        self.bar.update(steps)
+    def advance(self) -> None:
+        self.bar.update(1)
 
     def show(self, values: dict[str, float]) -> None:
-        self.bar.set_postfix({name.split('/')[-1]: f'{value:.4f}' for name, value in values.items()},
-                             refresh=False)
+        short = {name.split('/')[-1]: f'{value:.4f}' for name, value in values.items()}
+        self.bar.set_postfix(short, refresh=False)
 
     def print(self, line: str) -> None:
         """A line above the bar; nothing on the processes that have no bar."""

@@ -47,7 +47,8 @@ def make_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
         return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, total, end_value=0.0)
     if config.schedule == 'step':
         boundaries = tuple(config.lr_decay_boundaries)
-        if any(not warmup <= b < total for b in boundaries) or list(boundaries) != sorted(boundaries):
+        in_range = all(warmup <= b < total for b in boundaries)
+        if not in_range or list(boundaries) != sorted(boundaries):
             raise ConfigError(f'config.lr_decay_boundaries must be increasing steps in '
                               f'[warmup_steps, num_train_steps), got {boundaries!r}')
         after_warmup = optax.piecewise_constant_schedule(

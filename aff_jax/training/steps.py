@@ -87,7 +87,8 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
         (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        new_state = TrainState(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+        new_state = TrainState(step=state.step + 1,
+                               params=optax.apply_updates(state.params, updates),
                                batch_stats=batch_stats, opt_state=opt_state)
         metrics = {
             'train/loss': loss,

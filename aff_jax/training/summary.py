@@ -12,7 +12,8 @@ def count_params(params: Any) -> int:
     return sum(int(x.size) for x in jax.tree.leaves(params))
 
 
-def flops_per_image(model: nn.Module, abstract_variables: Any, image_shape: tuple[int, ...]) -> float:
+def flops_per_image(model: nn.Module, abstract_variables: Any,
+                    image_shape: tuple[int, ...]) -> float:
     """FLOPs of one inference forward pass on one (1, H, W, C) image, from XLA's cost analysis
     of the lowered program (no compilation). A multiply-add counts as 2 FLOPs."""
     image = jax.ShapeDtypeStruct((1, *image_shape), jax.numpy.float32)
