@@ -119,3 +119,10 @@ def test_official_fusion_starts_at_start_layer():
     assert params_under(params['layer2'], 'attention') == 0
     assert params_under(params['layer3'], 'attention') == scheme_params('aff', 1024, 16)
     assert params_under(params['layer4'], 'attention') == scheme_params('aff', 2048, 16)
+
+
+def test_cifar_host_rejects_a_stride_two_stage_of_unchanged_width():
+    model = aff_jax.create_model('cifar_aff_resnet32', layers=(1, 1, 1), channels=(8, 8, 16, 16))
+    with pytest.raises(ValueError, match=r'stage 3 has stride 2 and must change the width'):
+        jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False),
+                       jax.ShapeDtypeStruct((2, 16, 16, 3), jnp.float32))

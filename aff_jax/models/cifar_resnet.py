@@ -85,6 +85,13 @@ class CIFARAFFResNet(nn.Module):
             raise ValueError(f'channels needs a stem width plus one width per stage: '
                              f'{len(self.layers) + 1} values for layers={tuple(self.layers)}, '
                              f'got channels={tuple(self.channels)}')
+        widths = tuple(self.channels)
+        for stage in range(1, len(self.layers)):
+            if widths[stage + 1] == widths[stage]:
+                # The official block projects the shortcut only when the width changes, so a
+                # stride-2 stage of unchanged width cannot add its shortcut.
+                raise ValueError(f'channels={widths}: stage {stage + 1} has stride 2 and must '
+                                 f'change the width, but keeps {widths[stage]}')
         x = Scope(lambda h: _features(self, h, train), name='features')(x.astype(self.dtype))
         return dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype,
                      name='output')(x).astype(jnp.float32)

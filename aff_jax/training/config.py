@@ -24,6 +24,11 @@ def base_config() -> ml_collections.ConfigDict:
     # script trains a 100-way head on the 20 CIFAR-100 superclasses).
     c.num_classes = config_dict.placeholder(int)
     c.dtype = 'float32'  # compute dtype ('bfloat16' on TPU/GPU); parameters stay float32
+    # Fine-tuning: an Orbax checkpoint of {'params', 'batch_stats'} written by
+    # `python -m aff_jax.interop.convert`; its variables replace the fresh initialisation of a
+    # new run (a resumed run ignores it). init_skip: path prefixes kept fresh, e.g. ('fc',).
+    c.init_from = config_dict.placeholder(str)
+    c.init_skip = ()
 
     # Data: a TFDS name, the embedded 'aff_multiscale', or 'imagefolder:PATH'.
     c.dataset = 'aff_multiscale'

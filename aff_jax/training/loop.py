@@ -18,6 +18,7 @@ import aff_jax
 from aff_jax.data import pipeline
 from aff_jax.training import mesh as mesh_lib
 from aff_jax.training import optimizer as optimizer_lib
+from aff_jax.training import pretrained
 from aff_jax.training import state as state_lib
 from aff_jax.training import steps, summary
 from aff_jax.training.checkpoint import Checkpointer
@@ -157,6 +158,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         changes = []
         if latest is None:
             state = state_lib.create_state(init_fn, shardings, init_rng)
+            if config.init_from:
+                state = pretrained.apply_pretrained(state, config.init_from, config.init_skip,
+                                                    shardings)
         else:
             changes = changed_keys(checkpointer.saved_config(latest), config)
             state = _restore(checkpointer, latest, abstract_state, shardings, train_iter, changes)

@@ -1,0 +1,54 @@
+"""Starting a run from converted weights (``config.init_from``): fine-tuning.
+
+The checkpoint is an Orbax checkpoint of ``{'params', 'batch_stats'}`` as written by
+``python -m aff_jax.interop.convert`` (from an official MXNet or a PyTorch-port checkpoint).
+Parameters and BatchNorm statistics replace the fresh initialisation; the step and the
+optimizer state stay fresh. Variables whose path starts with a prefix in ``skip`` keep their
+fresh values (a new classifier head: ``fc`` for ResNet hosts, ``output`` for the others).
+"""
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import flax
+import jax
+import numpy as np
+
+from aff_jax.interop.convert import load_variables
+from aff_jax.training.errors import ConfigError
+
+
+def apply_pretrained(state, path: str, skip: Sequence[str], shardings):
+    """``state`` with its params and batch_stats taken from the checkpoint at ``path``.
+
+    Strict: every variable not under ``skip`` must be in the checkpoint with the same shape,
+    and the checkpoint may hold nothing else outside ``skip``; one ``ConfigError`` names every
+    missing, unexpected and mis-shaped variable.
+    """
+    if not os.path.isdir(path):
+        raise ConfigError(f'config.init_from: no checkpoint directory {path}')
+    loaded = load_variables(path)
+
+    def kept(key: str) -> bool:
+        return not any(key == prefix or key.startswith(prefix + '/') for prefix in skip)
+
+    replaced = {}
+    for collection in ('params', 'batch_stats'):
+        ours = flax.traverse_util.flatten_dict(getattr(state, collection), sep='/')
+        theirs = flax.traverse_util.flatten_dict(dict(loaded.get(collection, {})), sep='/')
+        missing = sorted(k for k in ours if kept(k) and k not in theirs)
+        unexpected = sorted(k for k in theirs if kept(k) and k not in ours)
+        misshaped = sorted(f'{k}: run {ours[k].shape}, checkpoint {np.shape(theirs[k])}'
+                           for k in ours if kept(k) and k in theirs
+                           and tuple(ours[k].shape) != tuple(np.shape(theirs[k])))
+        if missing or unexpected or misshaped:
+            raise ConfigError(
+                f'config.init_from {path}: {collection} do not match the model '
+                f'(missing {missing}, unexpected {unexpected}, mis-shaped {misshaped}); '
+                f'list new layers in config.init_skip')
+        sharding = flax.traverse_util.flatten_dict(getattr(shardings, collection), sep='/')
+        merged = {k: (jax.device_put(np.asarray(theirs[k], ours[k].dtype), sharding[k])
+                      if kept(k) else ours[k]) for k in ours}
+        replaced[collection] = flax.traverse_util.unflatten_dict(merged, sep='/')
+    return state.replace(**replaced)
