@@ -144,9 +144,9 @@ def avg_pool_ceil(x: jax.Array, size: int) -> jax.Array:
                        padding=((0, pad_h), (0, pad_w)), count_include_pad=False)
 
 
-def global_avg_pool(x: jax.Array) -> jax.Array:
-    """(N, H, W, C) -> (N, 1, 1, C), mean accumulated in float32."""
-    return jnp.mean(x.astype(jnp.float32), axis=(1, 2), keepdims=True).astype(x.dtype)
+def global_avg_pool(x: jax.Array, keepdims: bool = True) -> jax.Array:
+    """(N, H, W, C) -> (N, 1, 1, C), or (N, C) without ``keepdims``; mean accumulated in float32."""
+    return jnp.mean(x.astype(jnp.float32), axis=(1, 2), keepdims=keepdims).astype(x.dtype)
 
 
 def check_nhwc(x: Any, what: str = 'input') -> None:

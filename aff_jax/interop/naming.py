@@ -201,9 +201,7 @@ def from_flax(model: nn.Module, variables: Mapping[str, Any], convention: Conven
     variables = nn.unbox(dict(variables))
     flat = flax.traverse_util.flatten_dict(
         {k: dict(v) for k, v in variables.items() if k in ('params', 'batch_stats')})
-    given = {}
-    for path, value in flat.items():
-        given[path] = np.asarray(jax.device_get(value))
+    given = {path: np.asarray(jax.device_get(value)) for path, value in flat.items()}
     by_path = {(e.collection,) + e.path: (key, e) for key, e in
                entries(model, convention, inputs or _inputs_from_flax(model, given)).items()}
     missing = sorted('/'.join(p) for p in by_path if p[0] is not None and p not in given)

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from aff_jax.fusion import FusionFactory
-from aff_jax.layers import BatchNorm, StatsRule, check_nhwc, conv2d, dense
+from aff_jax.layers import BatchNorm, StatsRule, check_nhwc, conv2d, dense, global_avg_pool
 from aff_jax.models.residual import Scope, Shortcut, Stage, stage_fusion
 
 Dtype = Any
@@ -120,4 +120,4 @@ def _features(cfg: CIFARAFFResNet, x: jax.Array, train: bool) -> jax.Array:
                   name=next(index))(x, train)
         in_channels = width
     x = nn.relu(BatchNorm(name=next(index), **bn)(x, train))
-    return jnp.mean(x.astype(jnp.float32), axis=(1, 2)).astype(cfg.dtype)
+    return global_avg_pool(x, keepdims=False)

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from aff_jax.fusion import FusionFactory
-from aff_jax.layers import BatchNorm, StatsRule, check_nhwc, conv2d, dense
+from aff_jax.layers import BatchNorm, StatsRule, check_nhwc, conv2d, dense, global_avg_pool
 from aff_jax.models.residual import Scope
 from aff_jax.models.resnext import resnext_stages
 
@@ -47,7 +47,7 @@ class CIFARAFFResNeXt(nn.Module):
             h = nn.relu(BatchNorm(stats_rule=self.stats_rule, name=next(index), **kw)(h, train))
             next(index)
             h = resnext_stages(self, h, train, index, first_avg_down=True)
-            return jnp.mean(h.astype(jnp.float32), axis=(1, 2)).astype(self.dtype)
+            return global_avg_pool(h, keepdims=False)
 
         x = Scope(features, name='features')(x.astype(self.dtype))
         return dense(self.num_classes, name='output', **kw)(x).astype(jnp.float32)

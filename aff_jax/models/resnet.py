@@ -14,7 +14,8 @@ import jax
 import jax.numpy as jnp
 
 from aff_jax.fusion import FusionFactory
-from aff_jax.layers import BatchNorm, StatsRule, check_nhwc, conv2d, dense, max_pool_3x3_s2
+from aff_jax.layers import (BatchNorm, StatsRule, check_nhwc, conv2d, dense, global_avg_pool,
+                            max_pool_3x3_s2)
 from aff_jax.models.residual import Scope, Shortcut, Stage, stage_fusion
 
 Dtype = Any
@@ -93,5 +94,5 @@ class AFFResNet(nn.Module):
             x = Stage(block, num_blocks, stride, downsample=stride != 1 or in_channels != planes * 4,
                       name=f'layer{i + 1}')(x, train)
             in_channels = planes * 4
-        x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+        x = global_avg_pool(x, keepdims=False)
         return dense(self.num_classes, name='fc', **kw)(x).astype(jnp.float32)

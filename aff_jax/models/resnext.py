@@ -16,7 +16,8 @@ import jax
 import jax.numpy as jnp
 
 from aff_jax.fusion import FusionFactory
-from aff_jax.layers import BatchNorm, StatsRule, check_nhwc, conv2d, dense, max_pool_3x3_s2
+from aff_jax.layers import (BatchNorm, StatsRule, check_nhwc, conv2d, dense, global_avg_pool,
+                            max_pool_3x3_s2)
 from aff_jax.models.residual import Scope, Shortcut, Stage, stage_fusion
 
 Dtype = Any
@@ -125,7 +126,7 @@ class AFFResNeXt(nn.Module):
             h = max_pool_3x3_s2(h)
             next(index)
             h = resnext_stages(self, h, train, index, first_avg_down=False)
-            return jnp.mean(h.astype(jnp.float32), axis=(1, 2)).astype(self.dtype)
+            return global_avg_pool(h, keepdims=False)
 
         x = Scope(features, name='features')(x.astype(self.dtype))
         return dense(self.num_classes, name='output', **kw)(x).astype(jnp.float32)
