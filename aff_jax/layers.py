@@ -154,3 +154,26 @@ def check_nhwc(x: Any, what: str = 'input') -> None:
     shape = getattr(x, 'shape', None)
     if shape is None or len(shape) != 4:
         raise ValueError(f'{what} must be a rank-4 NHWC array (N, H, W, C), got shape {shape}')
+
+
+UPSAMPLE_METHODS = ('nearest', 'bilinear')
+
+
+def upsample(x: jax.Array, height: int, width: int, method: str = 'nearest') -> jax.Array:
+    """Resize (N, h, w, C) up to (N, height, width, C) as PyTorch's ``F.interpolate`` does.
+
+    ``'nearest'``: PyTorch's (and torchvision FPN's) rule, output pixel ``i`` takes input pixel
+    ``floor(i * h / height)``, in exact integer arithmetic. ``'bilinear'``: half-pixel centres
+    (``align_corners=False``); borders repeat the edge pixel, as PyTorch's clamping does.
+    """
+    if method not in UPSAMPLE_METHODS:
+        raise ValueError(f'upsample method must be one of {UPSAMPLE_METHODS}, got {method!r}')
+    _, h, w, _ = x.shape
+    if (h, w) == (height, width):
+        return x
+    if method == 'nearest':
+        rows = (jnp.arange(height) * h) // height
+        cols = (jnp.arange(width) * w) // width
+        return x[:, rows][:, :, cols]
+    return jax.image.resize(x, (x.shape[0], height, width, x.shape[3]), 'bilinear',
+                            antialias=False).astype(x.dtype)

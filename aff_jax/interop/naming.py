@@ -28,6 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from aff_jax.models.features import without_head
+
 
 @dataclasses.dataclass(frozen=True)
 class Convention:
@@ -175,7 +177,11 @@ def check_keys(expected: Mapping[str, _Entry], given: Mapping[str, Any], framewo
 
 def to_flax(model: nn.Module, weights: Mapping[str, Any], convention: Convention,
             inputs: tuple | None = None) -> dict[str, Any]:
-    """Flat external weights -> flax variables ``{'params', 'batch_stats'}`` (numpy arrays)."""
+    """Flat external weights -> flax variables ``{'params', 'batch_stats'}`` (numpy arrays).
+
+    A ``features_only`` host takes a classifier's weights: its head is left out.
+    """
+    weights = without_head(model, weights)
     shapes = {k: tuple(_as_numpy(v).shape) for k, v in weights.items()}
     expected = entries(model, convention, inputs or example_inputs(model, shapes))
     check_keys(expected, weights, convention.framework)

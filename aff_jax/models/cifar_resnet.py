@@ -15,7 +15,8 @@ import jax
 import jax.numpy as jnp
 
 from aff_jax.fusion import FusionFactory
-from aff_jax.layers import BatchNorm, StatsRule, check_nhwc, conv2d, dense, global_avg_pool
+from aff_jax.layers import BatchNorm, StatsRule, check_nhwc, conv2d
+from aff_jax.models.features import head_or_features
 from aff_jax.models.residual import Scope, Shortcut, Stage, stage_fusion
 
 Dtype = Any
@@ -66,7 +67,10 @@ class CIFARAFFResNet(nn.Module):
 
     ``channels``: stem width then one width per stage (official: 64, 64, 128, 256);
     ``layers``: blocks per stage. The input passes a BatchNorm without scale and shift first.
-    Input (N, H, W, 3), output (N, num_classes) float32 logits.
+    Input (N, H, W, 3), output (N, num_classes) float32 logits, or with ``features_only`` the
+    stage outputs (reductions 1, 2, 4 for three stages), ``out_indices`` picking some. The
+    last stage's output is taken after the final BN-ReLU (``features.<last>``), as timm does
+    for pre-activation networks, so the features model holds every variable but the head.
     """
     layers: Sequence[int]
     channels: Sequence[int]
@@ -74,12 +78,24 @@ class CIFARAFFResNet(nn.Module):
     num_classes: int = 100
     start_layer: int = 1
     deep_stem: bool = False
+    features_only: bool = False
+    out_indices: Sequence[int] | None = None
     stats_rule: StatsRule = 'gluon'
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
+    head = 'output'
+
+    def _first_stage(self) -> int:
+        # features: input BN, (deep stem: 2 x conv, BN, ReLU), stem conv, then the stages.
+        return 1 + (6 if self.deep_stem else 0) + 1
+
+    def feature_modules(self) -> tuple[str, ...]:
+        first, last = self._first_stage(), len(self.layers) - 1
+        return tuple(f'features.{first + i + (i == last)}' for i in range(len(self.layers)))
+
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool) -> Any:
         check_nhwc(x)
         if len(self.channels) != len(self.layers) + 1:
             raise ValueError(f'channels needs a stem width plus one width per stage: '
@@ -92,13 +108,13 @@ class CIFARAFFResNet(nn.Module):
                 # stride-2 stage of unchanged width cannot add its shortcut.
                 raise ValueError(f'channels={widths}: stage {stage + 1} has stride 2 and must '
                                  f'change the width, but keeps {widths[stage]}')
-        x = Scope(lambda h: _features(self, h, train), name='features')(x.astype(self.dtype))
-        return dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype,
-                     name='output')(x).astype(jnp.float32)
+        stages = Scope(lambda h: _features(self, h, train), name='features')(x.astype(self.dtype))
+        return head_or_features(self, stages)
 
 
-def _features(cfg: CIFARAFFResNet, x: jax.Array, train: bool) -> jax.Array:
-    """Gluon's ``features``: input BN, stem, stages, BN-ReLU, global pool -> (N, C)."""
+def _features(cfg: CIFARAFFResNet, x: jax.Array, train: bool) -> list[jax.Array]:
+    """Gluon's ``features`` up to its global pool: input BN, stem, stages, BN-ReLU. Returns
+    the stage outputs, the last one after the BN-ReLU."""
     kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype)
     bn = dict(stats_rule=cfg.stats_rule, **kw)
     index = map(str, itertools.count())
@@ -110,14 +126,17 @@ def _features(cfg: CIFARAFFResNet, x: jax.Array, train: bool) -> jax.Array:
             x = nn.relu(BatchNorm(name=next(index), **bn)(x, train))
             next(index)
     x = conv2d(cfg.channels[0], 3, padding=1, name=next(index), **kw)(x)
+    first = cfg._first_stage()
     in_channels = cfg.channels[0]
+    stages = []
     for i, (width, num_blocks) in enumerate(zip(cfg.channels[1:], cfg.layers)):
         stride = 1 if i == 0 else 2
         block = functools.partial(
             PreActBlock, channels=width, stats_rule=cfg.stats_rule,
             fusion=stage_fusion(cfg.fusion, cfg.start_layer, i + 1, cfg.dtype, cfg.param_dtype), **kw)
         x = Stage(block, num_blocks, stride, downsample=width != in_channels,
-                  name=next(index))(x, train)
+                  name=str(first + i))(x, train)
+        stages.append(x)
         in_channels = width
-    x = nn.relu(BatchNorm(name=next(index), **bn)(x, train))
-    return global_avg_pool(x, keepdims=False)
+    stages[-1] = nn.relu(BatchNorm(name=str(first + len(cfg.layers)), **bn)(x, train))
+    return stages

@@ -5,7 +5,6 @@ Names mirror the Gluon attributes: ``features.<i>`` (stem conv, BN, ReLU, stages
 """
 from __future__ import annotations
 
-import itertools
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -13,7 +12,8 @@ import jax
 import jax.numpy as jnp
 
 from aff_jax.fusion import FusionFactory
-from aff_jax.layers import BatchNorm, StatsRule, check_nhwc, conv2d, dense, global_avg_pool
+from aff_jax.layers import BatchNorm, StatsRule, check_nhwc, conv2d
+from aff_jax.models.features import head_or_features
 from aff_jax.models.residual import Scope
 from aff_jax.models.resnext import resnext_stages
 
@@ -23,7 +23,9 @@ Dtype = Any
 class CIFARAFFResNeXt(nn.Module):
     """CIFAR ResNeXt: 3x3 stem of ``channels`` (official 64), three stages of base width
     ``channels * 2**i`` (outputs 4x that), every first block with an avg-down projection
-    (stage 1's pool has size 1). Input (N, H, W, 3), output (N, num_classes) float32 logits."""
+    (stage 1's pool has size 1). Input (N, H, W, 3), output (N, num_classes) float32 logits,
+    or with ``features_only`` the stage outputs (reductions 1, 2, 4), ``out_indices`` picking
+    some."""
     layers: Sequence[int]
     fusion: FusionFactory
     channels: int = 64
@@ -32,22 +34,26 @@ class CIFARAFFResNeXt(nn.Module):
     num_classes: int = 100
     start_layer: int = 1
     zero_init_last_bn: bool = False
+    features_only: bool = False
+    out_indices: Sequence[int] | None = None
     stats_rule: StatsRule = 'gluon'
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
+    head = 'output'
+    _FIRST_STAGE = 3  # features: conv, BN, ReLU, then the stages
+
+    def feature_modules(self) -> tuple[str, ...]:
+        return tuple(f'features.{self._FIRST_STAGE + i}' for i in range(len(self.layers)))
+
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool) -> Any:
         check_nhwc(x)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
 
         def features(h):
-            index = map(str, itertools.count())
-            h = conv2d(self.channels, 3, padding=1, name=next(index), **kw)(h)
-            h = nn.relu(BatchNorm(stats_rule=self.stats_rule, name=next(index), **kw)(h, train))
-            next(index)
-            h = resnext_stages(self, h, train, index, first_avg_down=True)
-            return global_avg_pool(h, keepdims=False)
+            h = conv2d(self.channels, 3, padding=1, name='0', **kw)(h)
+            h = nn.relu(BatchNorm(stats_rule=self.stats_rule, name='1', **kw)(h, train))
+            return resnext_stages(self, h, train, self._FIRST_STAGE, first_avg_down=True)
 
-        x = Scope(features, name='features')(x.astype(self.dtype))
-        return dense(self.num_classes, name='output', **kw)(x).astype(jnp.float32)
+        return head_or_features(self, Scope(features, name='features')(x.astype(self.dtype)))

@@ -9,6 +9,9 @@ Two families, both structurally identical to their source:
   quirks by default (AFF x2, r=4, iAFF reusing ``global_att``) so its checkpoints load and agree.
 
 Each preset also records its input preprocessing, as data, the way timm's pretrained configs do.
+
+Segmentation models (``fpn``, ``unet``, ``fpn_resnet20``) are a decoder over any classification
+preset built with ``features_only=True``; see :func:`create_model`.
 """
 from __future__ import annotations
 
@@ -21,9 +24,13 @@ import jax.numpy as jnp
 from aff_jax import fusion as fusion_lib
 from aff_jax.models.cifar_resnet import CIFARAFFResNet
 from aff_jax.models.cifar_resnext import CIFARAFFResNeXt
+from aff_jax.models.features import FeatureInfo
+from aff_jax.models import features as features_lib
+from aff_jax.models.fpn import FPN
 from aff_jax.models.resnet import AFFResNet
 from aff_jax.models.resnext import AFFResNeXt
 from aff_jax.models.tv_resnet import TVResNet
+from aff_jax.models.unet import UNet
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,16 +112,54 @@ def _port_presets() -> dict[str, Preset]:
 _PRESETS: dict[str, Preset] = {**_official_presets(), **_port_presets()}
 
 
+@dataclasses.dataclass(frozen=True)
+class SegmentationPreset:
+    """A decoder over a features backbone: ``backbone`` None means the caller names it."""
+    decoder: Callable[..., nn.Module]
+    backbone: str | None
+    backbone_fields: dict[str, Any]
+    fields: dict[str, Any]
+    num_classes: int = 2
+    fusion: str = 'aff'
+
+
+_SEGMENTATION: dict[str, SegmentationPreset] = {
+    'fpn': SegmentationPreset(FPN, None, {}, {}),
+    'unet': SegmentationPreset(UNet, None, {}, {}),
+    # The paper's StopSign host: the CIFAR pre-activation ResNet-20 (3 blocks per stage,
+    # widths 16-32-64, plain additive short skips) under an FPN.
+    'fpn_resnet20': SegmentationPreset(
+        FPN, 'cifar_resnet32', dict(layers=(3, 3, 3), channels=(16, 16, 32, 64)),
+        dict(pyramid_channels=32)),
+}
+_BACKBONE_PREFIX = 'backbone_'
+
+
 def list_models() -> list[str]:
-    """Every preset name ``create_model`` accepts."""
-    return sorted(_PRESETS)
+    """Every model name ``create_model`` accepts: classifiers and segmentation models."""
+    return sorted({**_PRESETS, **_SEGMENTATION})
+
+
+def is_segmentation(name: str) -> bool:
+    """Whether ``create_model(name)`` is a segmentation model ((N, H, W, K) logits)."""
+    return name in _SEGMENTATION
 
 
 def preset(name: str) -> Preset:
-    """The preset ``name``: host class, its fields, default fusion and preprocessing."""
+    """The classification preset ``name``: host class, its fields, default fusion and
+    preprocessing."""
+    if name in _SEGMENTATION:
+        raise ValueError(f'{name!r} is a segmentation model: its preprocessing is that of its '
+                         f'backbone, preset(backbone)')
     if name not in _PRESETS:
         raise ValueError(f'unknown model {name!r}; known: {", ".join(list_models())}')
     return _PRESETS[name]
+
+
+def feature_info(name: str, **overrides: Any) -> list[FeatureInfo]:
+    """Channels, reduction and source module of each output of
+    ``create_model(name, features_only=True, **overrides)``, finest first."""
+    return features_lib.feature_info(create_model(name, features_only=True, **overrides))
 
 
 def create_model(name: str, num_classes: int | None = None,
@@ -126,9 +171,19 @@ def create_model(name: str, num_classes: int | None = None,
     preset's reduction ``r`` and its settings for that scheme (e.g. AFF x2), or a factory
     (``fusion.factory(...)`` or any ``functools.partial`` of a fusion module) used as is.
     ``overrides``: any field of the host (``layers``, ``small_input``, ``start_layer``,
-    ``channels``, ``zero_init_last_bn``, ``param_dtype``, ...), plus ``r`` and
-    ``fusion_options`` (a dict of fusion fields, e.g. ``{'scale': 1.0}``). Unknown keys raise.
+    ``channels``, ``zero_init_last_bn``, ``param_dtype``, ``features_only``, ``out_indices``,
+    ...), plus ``r`` and ``fusion_options`` (a dict of fusion fields, e.g. ``{'scale': 1.0}``).
+    Unknown keys raise.
+
+    Segmentation models: ``fusion`` (default ``'aff'``, the paper's factor 1), ``r``,
+    ``fusion_options`` and ``upsample`` are the decoder's long-skip settings, and
+    ``pyramid_channels`` (FPN) or ``decoder_channels`` (U-Net) its widths; ``backbone`` names a
+    classification preset (``fpn``, ``unet``); every other key goes to the backbone, and a
+    ``backbone_`` prefix sends a key the decoder also has there (``backbone_fusion='iaff'``,
+    ``backbone_r=8``).
     """
+    if name in _SEGMENTATION:
+        return _create_segmentation(name, num_classes, fusion, dtype, overrides)
     spec = preset(name)
     r = overrides.pop('r', spec.r)
     fusion_options = dict(overrides.pop('fusion_options', None) or {})
@@ -149,3 +204,36 @@ def create_model(name: str, num_classes: int | None = None,
     elif fusion_options:
         raise TypeError('fusion_options applies to a fusion given by name, not to a factory')
     return spec.host(fusion=fusion, stats_rule=spec.stats_rule, **fields)
+
+
+def _create_segmentation(name: str, num_classes: int | None,
+                         fusion: str | fusion_lib.FusionFactory | None, dtype: Any,
+                         overrides: dict[str, Any]) -> nn.Module:
+    spec = _SEGMENTATION[name]
+    backbone = spec.backbone
+    if backbone is None:
+        backbone = overrides.pop('backbone', None)
+        if backbone not in _PRESETS:
+            raise ValueError(f'model {name!r} needs backbone=NAME, a classification model '
+                             f'({", ".join(sorted(_PRESETS))}); got {backbone!r}')
+    decoder_keys = set(spec.decoder.__dataclass_fields__) - {
+        'parent', 'name', 'backbone', 'num_classes', 'fusion', 'stats_rule', 'dtype'}
+    fields = dict(spec.fields)
+    backbone_fields = dict(spec.backbone_fields)
+    for key, value in overrides.items():
+        if key in decoder_keys:
+            fields[key] = value
+        else:
+            backbone_fields[key.removeprefix(_BACKBONE_PREFIX)] = value
+    backbone_fusion = backbone_fields.pop('fusion', None)
+    fusion = spec.fusion if fusion is None else fusion
+    stats_rule = _PRESETS[backbone].stats_rule
+    if isinstance(fusion, str):
+        # Checks the name and the options now rather than when the model is first traced.
+        fusion_lib.factory(fusion, dict(r=fields.get('r', 4), stats_rule=stats_rule),
+                           **dict(fields.get('fusion_options') or {}))
+    features = create_model(backbone, fusion=backbone_fusion, dtype=dtype, features_only=True,
+                            **backbone_fields)
+    return spec.decoder(backbone=features, fusion=fusion, stats_rule=stats_rule, dtype=dtype,
+                        num_classes=spec.num_classes if num_classes is None else num_classes,
+                        **fields)

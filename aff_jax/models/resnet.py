@@ -14,8 +14,8 @@ import jax
 import jax.numpy as jnp
 
 from aff_jax.fusion import FusionFactory
-from aff_jax.layers import (BatchNorm, StatsRule, check_nhwc, conv2d, dense, global_avg_pool,
-                            max_pool_3x3_s2)
+from aff_jax.layers import BatchNorm, StatsRule, check_nhwc, conv2d, max_pool_3x3_s2
+from aff_jax.models.features import head_or_features
 from aff_jax.models.residual import Scope, Shortcut, Stage, stage_fusion
 
 Dtype = Any
@@ -54,7 +54,9 @@ class Bottleneck(nn.Module):
 class AFFResNet(nn.Module):
     """ImageNet ResNet-V1b with deep stem (3x3 convs ``stem_width``, ``stem_width``,
     2 * ``stem_width``), avg-down projections (stage 1's pool has size 1) and fusion from
-    ``start_layer`` on. Input (N, H, W, 3), output (N, num_classes) float32 logits."""
+    ``start_layer`` on. Input (N, H, W, 3), output (N, num_classes) float32 logits, or with
+    ``features_only`` the outputs of ``layer1`` .. ``layer4`` (reductions 4, 8, 16, 32),
+    ``out_indices`` picking some."""
     layers: Sequence[int]
     fusion: FusionFactory
     num_classes: int = 1000
@@ -63,12 +65,19 @@ class AFFResNet(nn.Module):
     stem_width: int = 32
     avg_down: bool = True
     zero_init_last_bn: bool = False
+    features_only: bool = False
+    out_indices: Sequence[int] | None = None
     stats_rule: StatsRule = 'gluon'
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
+    head = 'fc'
+
+    def feature_modules(self) -> tuple[str, ...]:
+        return tuple(f'layer{i + 1}' for i in range(len(self.layers)))
+
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool) -> Any:
         check_nhwc(x)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         bn = dict(stats_rule=self.stats_rule, **kw)
@@ -85,6 +94,7 @@ class AFFResNet(nn.Module):
             x = conv2d(64, 7, stride=2, padding=3, name='conv1', **kw)(x)
         x = max_pool_3x3_s2(nn.relu(BatchNorm(name='bn1', **bn)(x, train)))
         in_channels = self.stem_width * 2 if self.deep_stem else 64
+        stages = []
         for i, (planes, num_blocks) in enumerate(zip((64, 128, 256, 512), self.layers)):
             stride = 1 if i == 0 else 2
             block = functools.partial(
@@ -94,5 +104,5 @@ class AFFResNet(nn.Module):
             x = Stage(block, num_blocks, stride, downsample=stride != 1 or in_channels != planes * 4,
                       name=f'layer{i + 1}')(x, train)
             in_channels = planes * 4
-        x = global_avg_pool(x, keepdims=False)
-        return dense(self.num_classes, name='fc', **kw)(x).astype(jnp.float32)
+            stages.append(x)
+        return head_or_features(self, stages)

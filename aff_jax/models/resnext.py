@@ -16,8 +16,8 @@ import jax
 import jax.numpy as jnp
 
 from aff_jax.fusion import FusionFactory
-from aff_jax.layers import (BatchNorm, StatsRule, check_nhwc, conv2d, dense, global_avg_pool,
-                            max_pool_3x3_s2)
+from aff_jax.layers import BatchNorm, StatsRule, check_nhwc, conv2d, max_pool_3x3_s2
+from aff_jax.models.features import head_or_features
 from aff_jax.models.residual import Scope, Shortcut, Stage, stage_fusion
 
 Dtype = Any
@@ -67,13 +67,16 @@ class ResNeXtBlock(nn.Module):
         return nn.relu(self.fusion(name='attention')(out, residual, train))
 
 
-def resnext_stages(host: Any, x: jax.Array, train: bool, index: Any, first_avg_down: bool) -> jax.Array:
-    """The stages of both ResNeXt hosts, each named by the next Gluon ``features`` index.
+def resnext_stages(host: Any, x: jax.Array, train: bool, first_index: int,
+                   first_avg_down: bool) -> list[jax.Array]:
+    """The stages of both ResNeXt hosts, named by Gluon ``features`` indices from
+    ``first_index`` on; returns each stage's output.
 
     Stage i (1-based) has base width ``host.channels * 2**(i-1)``, stride 1 then 2, and a
     projection shortcut on its first block (avg-down except, on ImageNet, in stage 1).
     """
     kw = dict(dtype=host.dtype, param_dtype=host.param_dtype)
+    outputs = []
     for i, num_blocks in enumerate(host.layers):
         block = functools.partial(
             ResNeXtBlock, channels=host.channels * 2 ** i, cardinality=host.cardinality,
@@ -81,14 +84,18 @@ def resnext_stages(host: Any, x: jax.Array, train: bool, index: Any, first_avg_d
             fusion=stage_fusion(host.fusion, host.start_layer, i + 1, host.dtype, host.param_dtype),
             avg_down=first_avg_down or i > 0, zero_init_last_bn=host.zero_init_last_bn,
             stats_rule=host.stats_rule, **kw)
-        x = Stage(block, num_blocks, 1 if i == 0 else 2, downsample=True, name=next(index))(x, train)
-    return x
+        x = Stage(block, num_blocks, 1 if i == 0 else 2, downsample=True,
+                  name=str(first_index + i))(x, train)
+        outputs.append(x)
+    return outputs
 
 
 class AFFResNeXt(nn.Module):
     """ImageNet ResNeXt with deep stem (3x3 convs: ``stem_width``, ``stem_width``,
     2 * ``stem_width``), max-pool, avg-down shortcuts from stage 2 on, fusion from
-    ``start_layer`` on. Input (N, H, W, 3), output (N, num_classes) float32 logits."""
+    ``start_layer`` on. Input (N, H, W, 3), output (N, num_classes) float32 logits, or with
+    ``features_only`` the stage outputs (reductions 4, 8, 16, 32), ``out_indices`` picking
+    some."""
     layers: Sequence[int]
     fusion: FusionFactory
     cardinality: int = 32
@@ -99,12 +106,23 @@ class AFFResNeXt(nn.Module):
     stem_width: int = 64
     channels: int = 64
     zero_init_last_bn: bool = False
+    features_only: bool = False
+    out_indices: Sequence[int] | None = None
     stats_rule: StatsRule = 'gluon'
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
+    head = 'output'
+
+    def _first_stage(self) -> int:
+        # features: the stem (deep: conv, BN, ReLU, conv, BN, ReLU, conv), BN, ReLU, max-pool.
+        return (7 if self.deep_stem else 1) + 3
+
+    def feature_modules(self) -> tuple[str, ...]:
+        return tuple(f'features.{self._first_stage() + i}' for i in range(len(self.layers)))
+
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool) -> Any:
         check_nhwc(x)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         bn = dict(stats_rule=self.stats_rule, **kw)
@@ -124,9 +142,6 @@ class AFFResNeXt(nn.Module):
             h = nn.relu(BatchNorm(name=next(index), **bn)(h, train))
             next(index)
             h = max_pool_3x3_s2(h)
-            next(index)
-            h = resnext_stages(self, h, train, index, first_avg_down=False)
-            return global_avg_pool(h, keepdims=False)
+            return resnext_stages(self, h, train, self._first_stage(), first_avg_down=False)
 
-        x = Scope(features, name='features')(x.astype(self.dtype))
-        return dense(self.num_classes, name='output', **kw)(x).astype(jnp.float32)
+        return head_or_features(self, Scope(features, name='features')(x.astype(self.dtype)))

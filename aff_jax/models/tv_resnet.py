@@ -15,8 +15,8 @@ import jax
 import jax.numpy as jnp
 
 from aff_jax.fusion import FusionFactory
-from aff_jax.layers import (BatchNorm, StatsRule, check_nhwc, conv2d, dense, global_avg_pool,
-                            max_pool_3x3_s2)
+from aff_jax.layers import BatchNorm, StatsRule, check_nhwc, conv2d, max_pool_3x3_s2
+from aff_jax.models.features import head_or_features
 from aff_jax.models.residual import Shortcut, Stage
 
 Dtype = Any
@@ -67,7 +67,9 @@ class _Block(nn.Module):
 
 class TVResNet(nn.Module):
     """torchvision ResNet with a fusion at every short skip. Input (N, H, W, 3) NHWC, output
-    (N, num_classes) float32 logits.
+    (N, num_classes) float32 logits, or with ``features_only`` the outputs of ``layer1`` ..
+    ``layer4`` (reductions 4, 8, 16, 32; 2, 4, 8, 16 with ``small_input``), ``out_indices``
+    picking some.
 
     ``small_input`` replaces the 7x7 stride-2 stem by a 3x3 stride-1 one (the max-pool stays,
     as in the port).
@@ -80,12 +82,19 @@ class TVResNet(nn.Module):
     width_per_group: int = 64
     small_input: bool = False
     zero_init_last_bn: bool = False
+    features_only: bool = False
+    out_indices: Sequence[int] | None = None
     stats_rule: StatsRule = 'torch'
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
+    head = 'fc'
+
+    def feature_modules(self) -> tuple[str, ...]:
+        return tuple(f'layer{i + 1}' for i in range(len(self.layers)))
+
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool) -> Any:
         check_nhwc(x)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         x = x.astype(self.dtype)
@@ -97,6 +106,7 @@ class TVResNet(nn.Module):
         x = max_pool_3x3_s2(x)
         expansion = 4 if self.bottleneck else 1
         in_channels = 64
+        stages = []
         for i, (planes, num_blocks) in enumerate(zip((64, 128, 256, 512), self.layers)):
             stride = 1 if i == 0 else 2
             x = Stage(
@@ -108,5 +118,5 @@ class TVResNet(nn.Module):
                 downsample=stride != 1 or in_channels != planes * expansion,
                 name=f'layer{i + 1}')(x, train)
             in_channels = planes * expansion
-        x = global_avg_pool(x, keepdims=False)
-        return dense(self.num_classes, name='fc', **kw)(x).astype(jnp.float32)
+            stages.append(x)
+        return head_or_features(self, stages)

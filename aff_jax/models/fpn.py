@@ -1,0 +1,53 @@
+"""FPN segmentation model: a features backbone, a top-down pathway whose every long skip is a
+:class:`aff_jax.LongSkipFusion` (any fusion scheme), and a per-pixel classifier.
+
+The paper's long-skip scenario (Table 2, ``fpn_resnet20``): X = the backbone's lateral
+(low-level) map, Y = the top-down (high-level) map; ``fusion='add'`` is the plain FPN.
+Names: ``backbone`` (the features model's own tree, so a converted classifier loads into it),
+``top`` (1x1 lateral of the coarsest stage), ``merge<i>`` (the long skip into stage i),
+``smooth`` (3x3 conv-BN-ReLU on the finest merged map), ``classifier``.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from aff_jax.fusion import FusionFactory
+from aff_jax.layers import StatsRule, check_nhwc, conv2d
+from aff_jax.models.decoder_blocks import ConvBNReLU, long_skip, pixel_logits
+
+Dtype = Any
+
+
+class FPN(nn.Module):
+    """Input (N, H, W, 3) NHWC; output (N, H, W, num_classes) float32 logits.
+
+    ``backbone``: a ``features_only`` host returning its stage maps finest first.
+    ``pyramid_channels``: the width of every pyramid level. ``fusion``, ``r``, ``upsample``,
+    ``fusion_options``: the long-skip step's (see :class:`aff_jax.LongSkipFusion`).
+    """
+    backbone: nn.Module
+    num_classes: int
+    fusion: str | FusionFactory = 'aff'
+    pyramid_channels: int = 128
+    r: int = 4
+    upsample: str = 'nearest'
+    fusion_options: Mapping[str, Any] | None = None
+    stats_rule: StatsRule = 'gluon'
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        check_nhwc(x)
+        features = self.backbone(x, train)
+        pyramid = conv2d(self.pyramid_channels, 1, bias=True, dtype=self.dtype,
+                         param_dtype=self.param_dtype, name='top')(features[-1])
+        for i in reversed(range(len(features) - 1)):
+            pyramid = long_skip(self, self.pyramid_channels, f'merge{i}')(features[i], pyramid, train)
+        pyramid = ConvBNReLU(self.pyramid_channels, self.stats_rule, self.dtype, self.param_dtype,
+                             name='smooth')(pyramid, train)
+        return pixel_logits(self, pyramid, x.shape[1], x.shape[2])
