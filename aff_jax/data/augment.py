@@ -1,10 +1,11 @@
 """Per-image preprocessing in numpy/pillow, and the grain transforms that apply it.
 
-Images are single HWC arrays: (H, W, C) uint8 as stored. The last transform, `Normalize`,
-turns them into (H, W, C) float32 `(x / 255 - mean) / std` with per-channel mean/std in [0, 1]
-units. Random choices come from the `np.random.Generator` that grain's `random_map` derives
-from the pipeline seed and the element's index, so they are reproducible and need no state
-in a checkpoint.
+Images are single HWC arrays: (H, W, C) uint8 as stored; a segmentation label is an (H, W)
+uint8 map of class indices that every geometric step moves with its image. The last
+transform, `Normalize`, turns images into (H, W, C) float32 `(x / 255 - mean) / std` with
+per-channel mean/std in [0, 1] units, and labels into int32. Random choices come from the
+`np.random.Generator` that grain's `random_map` derives from the pipeline seed and the
+element's index, so they are reproducible and need no state in a checkpoint.
 
 Kinds of augmentation (`AUGMENTS`):
   'cifar'    train: zero-pad 4 px (black, as gluoncv's `RandomCrop(32, pad=4)` in the official
@@ -15,8 +16,16 @@ Kinds of augmentation (`AUGMENTS`):
              resize to `size` x `size`, random horizontal flip.
              eval: resize the shorter side to ceil(size / 0.875), centre crop `size` x `size`
              (the official train_imagenet.py's crop ratio).
+  'segmentation'  (label maps) train: scale image and label map by a factor uniform in
+             `SEGMENTATION_SCALE` (image bilinear, label map nearest), take a random `size` x
+             `size` window of the result (where the scaled image is smaller, the window reaches
+             past it: image padded with 0, label map with `IGNORE_LABEL`), random horizontal
+             flip of both. eval: resize image (bilinear) and label map (nearest) to `size` x
+             `size` (a no-op at the stored size).
   'none'     no change in train or eval.
 'cifar' and 'none' keep the stored size, so every image must already be `size` x `size`.
+The classification kinds move the image alone, so segmentation takes 'segmentation' or
+'none' (`TASK_AUGMENTS`).
 """
 
 import dataclasses
@@ -26,7 +35,15 @@ import grain
 import numpy as np
 from PIL import Image
 
-AUGMENTS = ('cifar', 'imagenet', 'none')
+from aff_jax.data.sources import IGNORE_LABEL
+
+AUGMENTS = ('cifar', 'imagenet', 'none', 'segmentation')
+TASK_AUGMENTS = {
+    'classification': ('cifar', 'imagenet', 'none'),
+    'segmentation': ('segmentation', 'none'),
+}
+RESIZING_AUGMENTS = ('imagenet', 'segmentation')   # any stored size -> `size` x `size`
+SEGMENTATION_SCALE = (0.5, 2.0)
 CIFAR_PAD = 4
 EVAL_CROP_RATIO = 0.875
 CROP_SCALE = (0.08, 1.0)
@@ -110,6 +127,54 @@ def resize_and_center_crop(image: np.ndarray, size: int) -> np.ndarray:
     return center_crop(resize(image, new_height, new_width), size)
 
 
+def resize_label_map(label: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Nearest-neighbour resize of an (H, W) uint8 label map; no-op at the same size."""
+    if label.shape == (height, width):
+        return label
+    return np.asarray(Image.fromarray(label).resize((width, height), Image.NEAREST))
+
+
+def rescale_pair(image: np.ndarray, label: np.ndarray, scale: float):
+    """Image (H, W, C) and label map (H, W) scaled by `scale`, sides rounded (at least 1 px)."""
+    height, width = label.shape
+    new_height, new_width = max(1, round(height * scale)), max(1, round(width * scale))
+    return resize(image, new_height, new_width), resize_label_map(label, new_height, new_width)
+
+
+def window(array: np.ndarray, top: int, left: int, size: int, fill: int) -> np.ndarray:
+    """The `size` x `size` window at (top, left) of an (H, W, ...) array extended by `fill`.
+
+    top/left may be negative and the window may reach past the bottom/right edge: it holds
+    `fill` wherever it leaves the array.
+    """
+    height, width = array.shape[:2]
+    out = np.full((size, size) + array.shape[2:], fill, array.dtype)
+    y0, x0 = max(top, 0), max(left, 0)
+    y1, x1 = min(top + size, height), min(left + size, width)
+    if y0 < y1 and x0 < x1:
+        out[y0 - top:y1 - top, x0 - left:x1 - left] = array[y0:y1, x0:x1]
+    return out
+
+
+def crop_pair(image: np.ndarray, label: np.ndarray, top: int, left: int, size: int):
+    """The same `window` of image (padded with 0) and label map (padded with IGNORE_LABEL)."""
+    return window(image, top, left, size, 0), window(label, top, left, size, IGNORE_LABEL)
+
+
+def _window_start(length: int, size: int, rng: np.random.Generator) -> int:
+    """Uniform over the starts where the window lies inside the image, or holds it if smaller."""
+    low, high = sorted((0, length - size))
+    return int(rng.integers(low, high + 1))
+
+
+def _check_label_map(image: np.ndarray, label) -> None:
+    if np.shape(label) != image.shape[:2]:
+        raise ValueError(
+            f"augment 'segmentation' needs a label map of the image's (H, W) {image.shape[:2]}, "
+            f'got a label of shape {np.shape(label)}'
+        )
+
+
 def _check_stored_size(image: np.ndarray, size: int, kind: str) -> None:
     if image.shape[:2] != (size, size):
         raise ValueError(
@@ -120,13 +185,18 @@ def _check_stored_size(image: np.ndarray, size: int, kind: str) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class TrainAugment(grain.transforms.RandomMap):
-    """{'image': (H, W, C) uint8, 'label'} -> same keys, image (size, size, C) uint8."""
+    """{'image': (H, W, C) uint8, 'label'} -> same keys, image (size, size, C) uint8.
+
+    A label map ('segmentation') comes out (size, size) uint8; a class label unchanged.
+    """
 
     kind: str
     size: int
 
     def random_map(self, element, rng: np.random.Generator):
         image = element['image']
+        if self.kind == 'segmentation':
+            return self._segmentation(image, element['label'], rng)
         if self.kind == 'imagenet':
             top, left, box_height, box_width = sample_crop_box(*image.shape[:2], rng)
             box = image[top:top + box_height, left:left + box_width]
@@ -140,16 +210,33 @@ class TrainAugment(grain.transforms.RandomMap):
             image = flip_left_right(image)
         return {'image': image, 'label': element['label']}
 
+    def _segmentation(self, image, label, rng):
+        _check_label_map(image, label)
+        image, label = rescale_pair(image, label, rng.uniform(*SEGMENTATION_SCALE))
+        top = _window_start(label.shape[0], self.size, rng)
+        left = _window_start(label.shape[1], self.size, rng)
+        image, label = crop_pair(image, label, top, left, self.size)
+        if rng.random() < 0.5:
+            image, label = flip_left_right(image), flip_left_right(label)
+        return {'image': image, 'label': label}
+
 
 @dataclasses.dataclass(frozen=True)
 class EvalPreprocess(grain.transforms.Map):
-    """{'image': (H, W, C) uint8, 'label'} -> same keys, image (size, size, C) uint8."""
+    """{'image': (H, W, C) uint8, 'label'} -> same keys, image (size, size, C) uint8.
+
+    A label map ('segmentation') comes out (size, size) uint8; a class label unchanged.
+    """
 
     kind: str
     size: int
 
     def map(self, element):
         image = element['image']
+        if self.kind == 'segmentation':
+            _check_label_map(image, element['label'])
+            label = resize_label_map(element['label'], self.size, self.size)
+            return {'image': resize(image, self.size, self.size), 'label': label}
         if self.kind == 'imagenet':
             image = resize_and_center_crop(image, self.size)
         else:
@@ -159,7 +246,10 @@ class EvalPreprocess(grain.transforms.Map):
 
 @dataclasses.dataclass(frozen=True)
 class Normalize(grain.transforms.Map):
-    """{'image': uint8, 'label'} -> {'image': float32 normalised, 'label': int32, 'mask': 1.0}."""
+    """{'image': uint8, 'label'} -> {'image': float32 normalised, 'label': int32, 'mask': 1.0}.
+
+    'label' keeps its shape: () for a class, (H, W) for a label map.
+    """
 
     mean: tuple[float, ...]
     std: tuple[float, ...]

@@ -123,7 +123,8 @@ def example(split: str, index: int) -> tuple[np.ndarray, int]:
     return render(np.random.default_rng([_SPLIT_SEEDS[split], index]), label), label
 
 
-def _png(image: np.ndarray) -> bytes:
+def encode_png(image: np.ndarray) -> bytes:
+    """PNG bytes of an (H, W, 3) or (H, W) uint8 array (RGB or single-channel 'L')."""
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, format='PNG', compress_level=1)
     return buffer.getvalue()
@@ -154,4 +155,4 @@ class AffMultiscale(tfds.core.GeneratorBasedBuilder):
     def _generate_examples(self, split):
         for index in range(SPLIT_SIZES[split]):
             image, label = example(split, index)
-            yield index, {'image': _png(image), 'label': label}
+            yield index, {'image': encode_png(image), 'label': label}

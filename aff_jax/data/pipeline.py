@@ -2,8 +2,11 @@
 
 Batches are dicts of numpy arrays for one process:
   'image': (B, H, W, C) float32, normalised with the dataset's mean/std (NHWC);
-  'label': (B,) int32;
+  'label': (B,) int32 class indices (classification), or (B, H, W) int32 label maps
+           (segmentation, `info.task`) where `IGNORE_LABEL` marks pixels that count for no class;
   'mask':  (B,) float32, 1.0 for real examples, 0.0 for eval padding (all ones in training).
+Eval padding examples have zero images and labels 0 (classification) or all-`IGNORE_LABEL`
+label maps (segmentation).
 
 Training streams are global: one seeded shuffle of the whole split per epoch (a new order each
 epoch), augmentation seeded by the position in that stream, and process p of P takes stream
@@ -27,17 +30,20 @@ import numpy as np
 from absl import flags
 
 from aff_jax.data import augment, sources
-from aff_jax.data.sources import DatasetInfo, DatasetNotFoundError  # re-exported
+from aff_jax.data.sources import IGNORE_LABEL, DatasetInfo, DatasetNotFoundError  # re-exported
 
-__all__ = ['DatasetInfo', 'DatasetNotFoundError', 'get_info', 'make_iterator']
+__all__ = ['IGNORE_LABEL', 'DatasetInfo', 'DatasetNotFoundError', 'get_info', 'make_iterator']
 
 _READ_THREADS = 4
 _PREFETCH_BATCHES = 4
 
 
-def get_info(name: str, data_dir=None) -> DatasetInfo:
-    """Metadata of dataset `name` (see `sources`); prepares `aff_multiscale` on first use."""
-    return sources.load(name, data_dir).info
+def get_info(name: str, data_dir=None, num_classes=None) -> DatasetInfo:
+    """Metadata of dataset `name` (see `sources`); prepares the embedded datasets on first use.
+
+    num_classes: for 'segfolder:' names only (None: inferred); other datasets ignore it.
+    """
+    return sources.load(name, data_dir, num_classes).info
 
 
 def _check_int(value, what: str, minimum: int) -> int:
@@ -61,12 +67,34 @@ def _resolve_image_size(info: DatasetInfo, kind: str, image_size) -> int:
     if image_size is None:
         return stored
     image_size = _check_int(image_size, 'image_size', 1)
-    if kind != 'imagenet' and image_size != stored:
+    if kind not in augment.RESIZING_AUGMENTS and image_size != stored:
         raise ValueError(
-            f"image_size={image_size} needs augment 'imagenet' (which resizes); augment "
-            f'{kind!r} keeps the stored {stored}x{stored} images'
+            f"image_size={image_size} needs augment 'imagenet' or 'segmentation' (which resize); "
+            f'augment {kind!r} keeps the stored {stored}x{stored} images'
         )
     return image_size
+
+
+def _resolve_augment(info: DatasetInfo, augment_kind) -> str:
+    kind = info.augment if augment_kind is None else augment_kind
+    if kind not in augment.AUGMENTS:
+        raise ValueError(f'augment_kind must be one of {augment.AUGMENTS}, got {kind!r}')
+    if kind not in augment.TASK_AUGMENTS[info.task]:
+        raise ValueError(
+            f'augment_kind {kind!r} does not suit a {info.task} dataset; use one of '
+            f'{augment.TASK_AUGMENTS[info.task]}'
+        )
+    return kind
+
+
+def _eval_padding(info: DatasetInfo, size: int) -> dict:
+    """An element of zeros with mask 0.0; its label map (segmentation) ignores every pixel."""
+    if info.task == 'segmentation':
+        label = np.full((size, size), IGNORE_LABEL, np.int32)
+    else:
+        label = np.int32(0)
+    image = np.zeros((size, size, info.image_shape[2]), np.float32)
+    return {'image': image, 'label': label, 'mask': np.float32(0.0)}
 
 
 def make_iterator(
@@ -83,6 +111,7 @@ def make_iterator(
     num_epochs=None,
     worker_count: int = 0,
     augment_kind=None,
+    num_classes=None,
 ) -> grain.DatasetIterator:
     """An iterator of this process's batches of `split` ('train' or 'test') of dataset `name`.
 
@@ -90,10 +119,12 @@ def make_iterator(
     train=True: shuffled anew each epoch, augmented, `num_epochs` passes (None: forever), the
       stream cut to whole global batches. train=False: no shuffle, eval preprocessing only,
       one pass, the last batch padded (mask 0.0); `num_epochs` must stay None.
-    image_size: output side for 'imagenet' augmentation (default `info.image_shape[0]`).
+    image_size: output side for 'imagenet' and 'segmentation' augmentation (default
+      `info.image_shape[0]`).
     process_index/process_count: this process's shard (default: jax's).
     worker_count: grain worker processes (0: threads in this process).
-    augment_kind: overrides `info.augment` ('cifar', 'imagenet' or 'none').
+    augment_kind: overrides `info.augment`, one of `augment.TASK_AUGMENTS[info.task]`.
+    num_classes: for 'segfolder:' names only (see `sources`); other datasets ignore it.
     """
     if split not in sources.SPLITS:
         raise ValueError(f'split must be one of {sources.SPLITS}, got {split!r}')
@@ -106,11 +137,9 @@ def make_iterator(
         num_epochs = _check_int(num_epochs, 'num_epochs', 1)
     process_index, process_count = _resolve_processes(process_index, process_count)
 
-    dataset = sources.load(name, data_dir)
+    dataset = sources.load(name, data_dir, num_classes)
     info = dataset.info
-    kind = info.augment if augment_kind is None else augment_kind
-    if kind not in augment.AUGMENTS:
-        raise ValueError(f'augment_kind must be one of {augment.AUGMENTS}, got {kind!r}')
+    kind = _resolve_augment(info, augment_kind)
     size = _resolve_image_size(info, kind, image_size)
     normalize = augment.Normalize(info.mean, info.std)
     records = dataset.splits[split]
@@ -131,11 +160,7 @@ def make_iterator(
         per_process = math.ceil(math.ceil(len(records) / process_count) / batch_size) * batch_size
         padding = per_process - len(elements)
         if padding:
-            pad = {
-                'image': np.zeros((size, size, info.image_shape[2]), np.float32),
-                'label': np.int32(0),
-                'mask': np.float32(0.0),
-            }
+            pad = _eval_padding(info, size)
             elements = grain.MapDataset.concatenate(
                 [elements, grain.MapDataset.source([pad] * padding)]
             )

@@ -1,25 +1,44 @@
-"""Dataset names -> random-access splits of {'image': (H, W, C) uint8, 'label': int} + metadata.
+"""Dataset names -> random-access splits of {'image': (H, W, C) uint8, 'label'} + metadata.
+
+'label' is an int for classification datasets and an (H, W) uint8 map of class indices for
+segmentation datasets (`IGNORE_LABEL` marks pixels without a class).
 
 Names:
-  'aff_multiscale'   the embedded generated dataset (`multiscale.py`), prepared on first use.
+  'aff_multiscale'   the embedded generated classification dataset (`multiscale.py`), prepared
+                     on first use.
+  'aff_stopsign'     the embedded generated segmentation dataset (`stopsign.py`), likewise.
   'cifar10', 'cifar100', 'imagenet2012'   TFDS datasets prepared as ArrayRecord.
   'cifar100_coarse'  TFDS cifar100 labelled by its 20 super-classes ('coarse_label').
   any other TFDS image-classification name  ('image' and 'label' features), as ArrayRecord.
   'imagefolder:PATH' PATH/train/<class>/* and PATH/test/<class>/* image files (`IMAGE_EXTENSIONS`,
                      other files are skipped), classes numbered in sorted folder-name order,
                      decoded to RGB, normalised with the ImageNet statistics.
+  'segfolder:PATH'   segmentation: PATH/{train,test}/images/* (`IMAGE_EXTENSIONS`, decoded to
+                     RGB) and PATH/{train,test}/masks/*.png, paired by file name stem. A mask is
+                     a single-channel 8-bit PNG ('L', or 'P' read as its palette indices) of
+                     class indices, `IGNORE_LABEL` = ignore, the size of its image. Classes:
+                     the lines of PATH/classes.txt if present (`num_classes`, if given, must
+                     match), else `num_classes` named 'class_0', ..., by default the largest
+                     label seen + 1. Every pair is checked when the folder is loaded; the scan
+                     is cached per (path, num_classes) for the life of the process. Images may differ in size: `image_shape` is (S, S, 3)
+                     when all are S x S, else `SEGMENTATION_IMAGE_SIZE` square (the training
+                     crop and the eval resize; `make_iterator(image_size=...)` overrides it).
+                     Normalised with the ImageNet statistics.
 Split names are 'train' and 'test' ('test' reads TFDS 'validation' where there is no 'test').
 
 TFDS data lives in `data_dir`: the argument, else $TFDS_DATA_DIR, else ~/tensorflow_datasets.
 Only the ArrayRecord format gives grain random access, and reading needs no TensorFlow
 (images decode with pillow). Preparing CIFAR/ImageNet does need TensorFlow (the `tf` extra).
 
-Default augmentation (see `augment`): the presets name theirs; other datasets get 'cifar' when
-their images are square, of one size and at most 64 px a side (the size of the first training
-image for an image folder), else 'imagenet' at 224x224.
+Default augmentation (see `augment`): the presets name theirs; segmentation folders get
+'segmentation'; other datasets get 'cifar' when their images are square, of one size and at
+most 64 px a side (the size of the first training image for an image folder), else 'imagenet'
+at 224x224.
 """
 
+import contextlib
 import dataclasses
+import functools
 import os
 
 import grain
@@ -27,11 +46,13 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from aff_jax.data import multiscale
+from aff_jax.data import multiscale, stopsign
 
 SPLITS = ('train', 'test')
 IMAGEFOLDER_PREFIX = 'imagefolder:'
+SEGFOLDER_PREFIX = 'segfolder:'
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.gif', '.webp')
+IGNORE_LABEL = 255         # label-map value of pixels that count for no class
 
 # ImageNet statistics: the official train_imagenet.py's 0-255 constants, in [0, 1] units.
 IMAGENET_MEAN = (123.68 / 255, 116.779 / 255, 103.939 / 255)
@@ -41,6 +62,7 @@ CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2023, 0.1994, 0.2010)
 DEFAULT_IMAGE_SIZE = 224   # for 'imagenet' augmentation when the stored size varies
 SMALL_IMAGE_SIDE = 64      # square images up to this side default to 'cifar' augmentation
+SEGMENTATION_IMAGE_SIZE = 256   # segmentation folders whose images are not all one square size
 
 
 class DatasetNotFoundError(ValueError):
@@ -54,6 +76,8 @@ class DatasetInfo:
     image_shape: (H, W, C) of the images `make_iterator` yields when `image_size` is None.
     mean, std: per-channel normalisation in [0, 1] pixel units.
     augment: the default augmentation kind, one of `augment.AUGMENTS`.
+    task: 'classification' (a label per image) or 'segmentation' (a label map per image).
+    class_names: the names of labels 0 .. num_classes - 1.
     """
 
     num_classes: int
@@ -63,6 +87,11 @@ class DatasetInfo:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     augment: str
+    task: str = 'classification'
+    # compare=False: names describe the classes but shape no model or pipeline, so an info
+    # written without them (as callers and tests did before names existed) still equals the
+    # loaded one.
+    class_names: tuple[str, ...] = dataclasses.field(default=(), compare=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +104,9 @@ class Dataset:
 
 @dataclasses.dataclass(frozen=True)
 class _TfdsPreset:
+    """How to read a TFDS dataset. Segmentation presets name their classes (`class_names`), as
+    their label feature (an (H, W, 1) image) does not; classification ones read a ClassLabel."""
+
     tfds_name: str
     mean: tuple[float, ...]
     std: tuple[float, ...]
@@ -82,10 +114,16 @@ class _TfdsPreset:
     label_key: str = 'label'
     test_split: str = 'test'
     manual_download: bool = False
+    task: str = 'classification'
+    class_names: tuple[str, ...] = ()
 
 
 PRESETS = {
     'aff_multiscale': _TfdsPreset('aff_multiscale', multiscale.MEAN, multiscale.STD, 'cifar'),
+    'aff_stopsign': _TfdsPreset(
+        'aff_stopsign', stopsign.MEAN, stopsign.STD, 'segmentation',
+        label_key='segmentation_mask', task='segmentation', class_names=stopsign.CLASS_NAMES,
+    ),
     'cifar10': _TfdsPreset('cifar10', CIFAR_MEAN, CIFAR_STD, 'cifar'),
     'cifar100': _TfdsPreset('cifar100', CIFAR_MEAN, CIFAR_STD, 'cifar'),
     'cifar100_coarse': _TfdsPreset(
@@ -105,12 +143,17 @@ def resolve_data_dir(data_dir=None) -> str:
     return os.environ.get('TFDS_DATA_DIR') or os.path.expanduser('~/tensorflow_datasets')
 
 
-def load(name: str, data_dir=None) -> Dataset:
-    """Resolves a dataset name (see the module docstring) into its info and splits."""
+def load(name: str, data_dir=None, num_classes=None) -> Dataset:
+    """Resolves a dataset name (see the module docstring) into its info and splits.
+
+    num_classes: for 'segfolder:' names only (None: inferred); other datasets ignore it.
+    """
     if not isinstance(name, str) or not name:
         raise ValueError(f'dataset name must be a non-empty string, got {name!r}')
     if name.startswith(IMAGEFOLDER_PREFIX):
         return _load_imagefolder(name[len(IMAGEFOLDER_PREFIX):])
+    if name.startswith(SEGFOLDER_PREFIX):
+        return _load_segfolder(name[len(SEGFOLDER_PREFIX):], num_classes)
     return _load_tfds(name, resolve_data_dir(data_dir))
 
 
@@ -145,21 +188,38 @@ class _SelectImageLabel(grain.transforms.Map):
         return {'image': element['image'], 'label': int(element[self.label_key])}
 
 
-def _prepared_multiscale(data_dir: str):
-    builder = multiscale.AffMultiscale(data_dir=data_dir)
+@dataclasses.dataclass(frozen=True)
+class _SelectImageLabelMap(grain.transforms.Map):
+    """A TFDS record -> {'image': (H, W, C) uint8, 'label': (H, W) uint8} from `label_key`."""
+
+    label_key: str
+
+    def map(self, element):
+        return {'image': element['image'], 'label': element[self.label_key][..., 0]}
+
+
+# The generated datasets this package embeds, prepared in the data dir on first use.
+_EMBEDDED_BUILDERS = {
+    'aff_multiscale': multiscale.AffMultiscale,
+    'aff_stopsign': stopsign.AffStopsign,
+}
+
+
+def _prepared(builder_class, data_dir: str):
+    builder = builder_class(data_dir=data_dir)
     if builder.is_prepared():
         return builder
     try:
         builder.download_and_prepare(file_format='array_record')
     except FileExistsError:
         # Another process sharing data_dir renamed its finished build into place first.
-        return multiscale.AffMultiscale(data_dir=data_dir)
+        return builder_class(data_dir=data_dir)
     return builder
 
 
 def _tfds_builder(name: str, data_dir: str):
-    if name == 'aff_multiscale':
-        return _prepared_multiscale(data_dir), PRESETS[name]
+    if name in _EMBEDDED_BUILDERS:
+        return _prepared(_EMBEDDED_BUILDERS[name], data_dir), PRESETS[name]
     preset = PRESETS.get(name)
     try:
         builder = tfds.builder(preset.tfds_name if preset else name, data_dir=data_dir)
@@ -167,7 +227,8 @@ def _tfds_builder(name: str, data_dir: str):
         reason = str(error).strip().splitlines()[0]
         raise ValueError(
             f"unknown dataset {name!r} (tfds: {reason}); expected 'aff_multiscale', "
-            f"'imagefolder:PATH' or a TFDS image-classification dataset "
+            f"'aff_stopsign', 'imagefolder:PATH', 'segfolder:PATH' or a TFDS "
+            f"image-classification dataset "
             f"(presets: {', '.join(sorted(PRESETS))})"
         ) from None
     if preset is None:
@@ -222,16 +283,24 @@ def _load_tfds(name: str, data_dir: str) -> Dataset:
     features = builder.info.features
     if preset.label_key not in features:
         raise ValueError(f'dataset {name!r} has no label feature {preset.label_key!r}')
+    if preset.task == 'segmentation':
+        class_names = preset.class_names
+        select = _SelectImageLabelMap(preset.label_key)
+    else:
+        # A ClassLabel made from num_classes alone names its classes '0', '1', ...
+        class_names = tuple(features[preset.label_key].names)
+        select = _SelectImageLabel(preset.label_key)
     info = DatasetInfo(
-        num_classes=features[preset.label_key].num_classes,
+        num_classes=len(class_names),
         image_shape=_output_shape(preset.augment, features['image'].shape),
         num_train=len(by_split['train']),
         num_test=len(by_split['test']),
         mean=tuple(preset.mean),
         std=tuple(preset.std),
         augment=preset.augment,
+        task=preset.task,
+        class_names=class_names,
     )
-    select = _SelectImageLabel(preset.label_key)
     splits = {s: grain.MapDataset.source(src).map(select) for s, src in by_split.items()}
     return Dataset(info, splits)
 
@@ -303,5 +372,199 @@ def _load_imagefolder(root: str) -> Dataset:
         mean=IMAGENET_MEAN,
         std=IMAGENET_STD,
         augment=augment_kind,
+        class_names=tuple(class_names),
     )
     return Dataset(info, {s: grain.MapDataset.source(src) for s, src in by_split.items()})
+
+
+class SegFolderSource:
+    """Random access to image/mask file pairs.
+
+    Item i -> {'image': (H, W, 3) uint8 RGB, 'label': (H, W) uint8 class indices}.
+    """
+
+    def __init__(self, pairs):
+        self._pairs = list(pairs)
+
+    def __len__(self) -> int:
+        return len(self._pairs)
+
+    def __getitem__(self, index: int):
+        image_path, mask_path = self._pairs[index]
+        with Image.open(image_path) as image:
+            pixels = np.asarray(image.convert('RGB'))
+        with Image.open(mask_path) as mask:
+            label = np.asarray(mask)  # 'L' or 'P' (checked by the scan): the stored indices
+        return {'image': pixels, 'label': label}
+
+
+@dataclasses.dataclass(frozen=True)
+class _SegFolderScan:
+    """A checked segmentation folder: (image, mask) path pairs per split and its classes."""
+
+    pairs: dict
+    class_names: tuple[str, ...]
+    square_side: int | None   # S when every image is S x S, else None
+
+
+_MASK_MODES = ('L', 'P')
+_CLASSES_FILE = 'classes.txt'
+
+
+def _files_by_stem(directory: str, extensions, what: str) -> dict[str, str]:
+    """File name stem -> path of the files in `directory` with `extensions` (any case)."""
+    files = {}
+    for name in sorted(os.listdir(directory)):
+        stem, extension = os.path.splitext(name)
+        path = os.path.join(directory, name)
+        if extension.lower() not in extensions or not os.path.isfile(path):
+            continue
+        if stem in files:
+            raise ValueError(f'segfolder: {what}s {files[stem]!r} and {path!r} share a name stem')
+        files[stem] = path
+    return files
+
+
+def _split_pairs(root: str, split: str) -> list[tuple[str, str]]:
+    """Sorted (image path, mask path) pairs of `split`, every image with a mask and vice versa."""
+    images_dir, masks_dir = (os.path.join(root, split, sub) for sub in ('images', 'masks'))
+    for directory in (images_dir, masks_dir):
+        if not os.path.isdir(directory):
+            raise ValueError(
+                f'segfolder: {directory!r} is missing (need train/ and test/, each with images/ '
+                f'and masks/)'
+            )
+    images = _files_by_stem(images_dir, IMAGE_EXTENSIONS, 'image')
+    masks = _files_by_stem(masks_dir, ('.png',), 'mask')
+    if not images:
+        raise ValueError(f'segfolder: no images ({", ".join(IMAGE_EXTENSIONS)}) in {images_dir!r}')
+    for stem, path in images.items():
+        if stem not in masks:
+            mask = os.path.join(masks_dir, stem + '.png')
+            raise ValueError(f'segfolder: image {path!r} has no mask {mask!r}')
+    for stem, path in masks.items():
+        if stem not in images:
+            raise ValueError(f'segfolder: mask {path!r} has no image of the same stem in '
+                             f'{images_dir!r}')
+    return [(images[stem], masks[stem]) for stem in sorted(images)]
+
+
+@contextlib.contextmanager
+def _reading(path: str):
+    """`Image.open(path)`; an OSError inside (unreadable, truncated) names the file, one line."""
+    try:
+        with Image.open(path) as image:
+            yield image
+    except OSError as error:  # incl. PIL's UnidentifiedImageError
+        raise ValueError(f'segfolder: cannot read {path!r}: {error}') from None
+
+
+def _mask_labels(image_path: str, mask_path: str) -> tuple[np.ndarray, tuple[int, int]]:
+    """The sorted labels present in a mask, and its image's (width, height); checks the pair."""
+    with _reading(image_path) as image:
+        image_size = image.size
+    with _reading(mask_path) as mask:
+        if mask.mode not in _MASK_MODES:
+            raise ValueError(
+                f'segfolder: mask {mask_path!r} has PIL mode {mask.mode!r}; masks must be '
+                f"single-channel 8-bit PNGs ('L' or 'P') of class indices"
+            )
+        if mask.size != image_size:
+            raise ValueError(
+                f'segfolder: mask {mask_path!r} is {mask.size[0]}x{mask.size[1]} (WxH) but its '
+                f'image {image_path!r} is {image_size[0]}x{image_size[1]}'
+            )
+        counts = np.bincount(np.asarray(mask).ravel(), minlength=256)
+    return np.flatnonzero(counts), image_size
+
+
+def _read_class_names(path: str) -> tuple[str, ...]:
+    """The lines of a classes.txt, one class name per line (trailing blank lines ignored)."""
+    with open(path, encoding='utf-8') as file:
+        names = [line.strip() for line in file.read().splitlines()]
+    while names and not names[-1]:
+        names.pop()
+    if not names:
+        raise ValueError(f'segfolder: {path!r} is empty; give one class name per line')
+    if '' in names:
+        raise ValueError(f"segfolder: {path!r} line {names.index('') + 1} is empty")
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ValueError(f'segfolder: {path!r} names classes more than once: {repeated}')
+    return tuple(names)
+
+
+def _class_names(root: str, num_classes, labels: dict) -> tuple[str, ...]:
+    """Names of the folder's classes (see the module docstring); checks every mask's labels.
+
+    labels: mask path -> the labels present in it.
+    """
+    classes_path = os.path.join(root, _CLASSES_FILE)
+    names, origin = None, ''
+    if os.path.isfile(classes_path):
+        names = _read_class_names(classes_path)
+        if num_classes is not None and num_classes != len(names):
+            raise ValueError(f'segfolder: num_classes is {num_classes} but {classes_path!r} '
+                             f'names {len(names)} classes')
+        num_classes, origin = len(names), f' (the lines of {classes_path!r})'
+    elif num_classes is None:
+        seen = np.unique(np.concatenate(list(labels.values())))
+        seen = seen[seen != IGNORE_LABEL]
+        if not seen.size:
+            raise ValueError(f'segfolder: every mask pixel in {root!r} is {IGNORE_LABEL} (ignore)')
+        num_classes = int(seen[-1]) + 1
+    for mask_path, present in labels.items():
+        bad = present[(present >= num_classes) & (present != IGNORE_LABEL)]
+        if bad.size:
+            raise ValueError(
+                f'segfolder: mask {mask_path!r} has label {bad[0]} but num_classes is '
+                f'{num_classes}{origin}; labels must be < num_classes or {IGNORE_LABEL} (ignore)'
+            )
+    return names or tuple(f'class_{i}' for i in range(num_classes))
+
+
+@functools.lru_cache(maxsize=None)
+def _scan_segfolder(root: str, num_classes) -> _SegFolderScan:
+    """Checks every pair of folder `root` (a resolved path), once per process and num_classes.
+
+    Errors are not cached: a load after fixing the folder scans it again.
+    """
+    if not os.path.isdir(root):
+        raise ValueError(f'segfolder: {root!r} is not a directory')
+    pairs = {split: _split_pairs(root, split) for split in SPLITS}
+    labels, sizes = {}, set()
+    for split in SPLITS:
+        for image_path, mask_path in pairs[split]:
+            labels[mask_path], size = _mask_labels(image_path, mask_path)
+            sizes.add(size)
+    (width, height), *others = sizes
+    square_side = width if not others and width == height else None
+    return _SegFolderScan(pairs, _class_names(root, num_classes, labels), square_side)
+
+
+def _load_segfolder(root: str, num_classes) -> Dataset:
+    if num_classes is not None and (
+        isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer))
+        or not 1 <= num_classes <= IGNORE_LABEL
+    ):
+        raise ValueError(
+            f'segfolder: num_classes must be an integer in [1, {IGNORE_LABEL}] (masks are 8-bit, '
+            f'{IGNORE_LABEL} = ignore), got {num_classes!r}'
+        )
+    num_classes = None if num_classes is None else int(num_classes)
+    scan = _scan_segfolder(os.path.realpath(root), num_classes)
+    side = scan.square_side or SEGMENTATION_IMAGE_SIZE
+    info = DatasetInfo(
+        num_classes=len(scan.class_names),
+        image_shape=(side, side, 3),
+        num_train=len(scan.pairs['train']),
+        num_test=len(scan.pairs['test']),
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        augment='segmentation',
+        task='segmentation',
+        class_names=scan.class_names,
+    )
+    return Dataset(
+        info, {s: grain.MapDataset.source(SegFolderSource(scan.pairs[s])) for s in SPLITS}
+    )
