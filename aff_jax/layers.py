@@ -14,6 +14,7 @@ from typing import Any, Literal
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Dtype = Any
 
@@ -172,8 +173,8 @@ def upsample(x: jax.Array, height: int, width: int, method: str = 'nearest') -> 
     if (h, w) == (height, width):
         return x
     if method == 'nearest':
-        rows = (jnp.arange(height) * h) // height
-        cols = (jnp.arange(width) * w) // width
-        return x[:, rows][:, :, cols]
+        rows = (np.arange(height) * h) // height
+        cols = (np.arange(width) * w) // width
+        return jnp.asarray(x)[:, rows][:, :, cols]
     return jax.image.resize(x, (x.shape[0], height, width, x.shape[3]), 'bilinear',
                             antialias=False).astype(x.dtype)

@@ -1,13 +1,17 @@
-"""Shared fixtures for the training tests: the environment of `python -m train` subprocesses
-and a small image-folder dataset."""
+"""Shared fixtures for the training tests: the environment of `python -m train` subprocesses,
+a small image-folder dataset, and what the resume tests read off a workdir."""
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import subprocess
 import sys
+import time
 
+import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from PIL import Image
 
@@ -73,3 +77,47 @@ def image_folder(tmp_path_factory) -> pathlib.Path:
             for i in range(per_class):
                 Image.fromarray(folder_image(label, rng)).save(directory / f'{i}.png')
     return root
+
+
+def metric_rows(workdir: pathlib.Path) -> list[dict]:
+    """The rows of ``workdir/metrics.jsonl``."""
+    return [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
+
+
+def complete_steps(workdir: pathlib.Path) -> list[int]:
+    """Steps of the finished checkpoints in ``workdir/checkpoints``."""
+    directory = workdir / 'checkpoints'
+    if not directory.exists():
+        return []
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
+
+
+def last_logged_step(workdir: pathlib.Path) -> int:
+    path = workdir / 'metrics.jsonl'
+    lines = path.read_text().splitlines() if path.exists() else []
+    return json.loads(lines[-1])['step'] if lines else 0
+
+
+def wait_until(condition, process: subprocess.Popen, timeout: float = 300.0) -> None:
+    """Poll ``condition`` while ``process`` runs; fail if it exits or time runs out first."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, 'timed out'
+        time.sleep(0.02)
+
+
+def checkpointed_state(workdir: pathlib.Path, step: int) -> dict:
+    """The train state saved at ``step`` in ``workdir``, as numpy arrays."""
+    with ocp.StandardCheckpointer() as checkpointer:
+        return checkpointer.restore(workdir / 'checkpoints' / str(step) / 'state')
+
+
+def assert_same_state(got: dict, want: dict) -> None:
+    """Identical tree paths and bit-identical arrays."""
+    expected = jax.tree_util.tree_leaves_with_path(want)
+    actual = jax.tree_util.tree_leaves_with_path(got)
+    assert [path for path, _ in actual] == [path for path, _ in expected]
+    for (path, w), (_, g) in zip(expected, actual):
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(w),
+                                      err_msg=jax.tree_util.keystr(path))

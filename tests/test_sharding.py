@@ -46,7 +46,7 @@ def _worker(out: pathlib.Path) -> None:
     import grain
     import jax
     import aff_jax
-    from aff_jax.training import mesh as mesh_lib, optimizer, state as state_lib, steps
+    from aff_jax.training import mesh as mesh_lib, optimizer, state as state_lib, steps, tasks
     from aff_jax.training.checkpoint import Checkpointer
 
     assert jax.device_count() == 8
@@ -73,7 +73,8 @@ def _worker(out: pathlib.Path) -> None:
             flat(state.params, f'{name}/init')
             batch_sharding = mesh_lib.batch_sharding(mesh)
             train_step = steps.make_train_step(model, tx, optimizer.make_schedule(config), config,
-                                               NUM_CLASSES, step_rng, shardings, batch_sharding)
+                                               tasks.Classification(NUM_CLASSES), step_rng,
+                                               shardings, batch_sharding)
             losses = []
             for batch in batches[:STEPS]:
                 state, metrics = train_step(state, jax.device_put(batch, batch_sharding))

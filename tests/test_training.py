@@ -15,7 +15,7 @@ import pytest
 
 import aff_jax
 from aff_jax.layers import conv2d, dense
-from aff_jax.training import loop, optimizer, steps, summary
+from aff_jax.training import loop, optimizer, steps, summary, tasks
 from aff_jax.training import mesh as mesh_lib
 from aff_jax.training.config import base_config, load_config
 from aff_jax.training.errors import ConfigError
@@ -132,10 +132,10 @@ def test_mixup_and_label_smoothing_cross_entropy_match_the_official_targets():
     expected = -(targets * log_softmax).sum(1)
 
     mixed_images, mixed_targets = steps.mixup(
-        jnp.asarray(images), steps.smoothed_one_hot(jnp.asarray(labels), classes, eta), lam)
+        jnp.asarray(images), tasks.smoothed_one_hot(jnp.asarray(labels), classes, eta), lam)
     np.testing.assert_allclose(mixed_images, lam * images + (1 - lam) * images[::-1], rtol=1e-6)
     np.testing.assert_allclose(mixed_targets, targets, rtol=1e-6)
-    np.testing.assert_allclose(steps.cross_entropy(jnp.asarray(logits), mixed_targets), expected,
+    np.testing.assert_allclose(tasks.cross_entropy(jnp.asarray(logits), mixed_targets), expected,
                                rtol=1e-5)
 
 

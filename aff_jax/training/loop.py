@@ -1,7 +1,9 @@
 """The training loop: set up (or resume) a run, train, evaluate, checkpoint, report.
 
 ``train_and_evaluate(config, workdir)`` is what ``python -m train`` runs. Every problem with
-the config or the dataset is raised as ``ConfigError`` before any compilation.
+the config or the dataset is raised as ``ConfigError`` before any compilation. The task
+(classification or segmentation, ``tasks``) follows from the model and the dataset, which must
+agree; the loop is the same for both.
 """
 from __future__ import annotations
 
@@ -20,12 +22,12 @@ from aff_jax.training import mesh as mesh_lib
 from aff_jax.training import optimizer as optimizer_lib
 from aff_jax.training import pretrained
 from aff_jax.training import state as state_lib
-from aff_jax.training import steps, summary
+from aff_jax.training import steps, summary, tasks
 from aff_jax.training.checkpoint import Checkpointer
 from aff_jax.training.config import changed_keys
 from aff_jax.training.errors import ConfigError
 from aff_jax.training.metrics import METRICS_FILE, MetricsWriter, ProgressBar, read_metrics
-from aff_jax.training.plot import CURVES_FILE, plot_curves
+from aff_jax.training.plot import CURVES_FILE, PREDICTIONS_FILE, plot_curves, plot_predictions
 
 CHECKPOINT_DIR = 'checkpoints'
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
@@ -37,7 +39,8 @@ POSITIVE_INT_KEYS = ('batch_size', 'eval_batch_size', 'num_train_steps', 'log_ev
 @dataclasses.dataclass(frozen=True)
 class RunResult:
     """How a run ended: the step reached, the final held-out metrics (``eval/loss``,
-    ``eval/accuracy``, ``eval/count``), or ``preempted`` when a SIGTERM stopped it first."""
+    ``eval/count`` and ``eval/accuracy``, or ``eval/miou``, ``eval/pixel_accuracy`` and
+    ``eval/iou/<class>``), or ``preempted`` when a SIGTERM stopped it first."""
     step: int
     eval_metrics: dict[str, float] | None
     preempted: bool
@@ -53,6 +56,7 @@ class Experiment:
     mesh: jax.sharding.Mesh
     model: Any
     rules: list[tuple[str, str | None]]
+    task: tasks.Task
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
@@ -72,7 +76,11 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     if config.rng_impl not in RNG_IMPLS:
         raise ConfigError(f'config.rng_impl must be one of {RNG_IMPLS}, got {config.rng_impl!r}')
     optimizer_lib.make_optimizer(config)
-    steps.check_regularisation(config)
+    steps.check_regularisation(config, _task_name(config.model))
+
+
+def _task_name(model: str) -> str:
+    return 'segmentation' if aff_jax.models.is_segmentation(model) else 'classification'
 
 
 def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
@@ -86,9 +94,14 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
     mesh_lib.check_batch_size(config.eval_batch_size, mesh, key='eval_batch_size')
     rules = mesh_lib.check_rules(config.logical_axis_rules)
     try:
-        info = pipeline.get_info(config.dataset, data_dir=config.data_dir)
+        info = pipeline.get_info(config.dataset, data_dir=config.data_dir,
+                                 num_classes=config.num_classes)
     except ValueError as e:
         raise ConfigError(f'config.dataset: {e}') from e
+    if info.task != _task_name(config.model):
+        raise ConfigError(f'config.model {config.model!r} is a {_task_name(config.model)} '
+                          f'model but config.dataset {config.dataset!r} is a {info.task} '
+                          f'dataset')
     num_classes = info.num_classes if config.num_classes is None else config.num_classes
     if num_classes < info.num_classes:
         raise ConfigError(f'config.num_classes={num_classes} is smaller than the '
@@ -101,7 +114,14 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
                                      dtype=DTYPES[config.dtype], **config.model_overrides)
     except (TypeError, ValueError) as e:
         raise ConfigError(f'config.model_overrides: {e}') from e
-    return Experiment(config, info, num_classes, (height, width, channels), mesh, model, rules)
+    if info.task == 'segmentation':
+        names = tuple(info.class_names) + tuple(
+            f'class_{k}' for k in range(len(info.class_names), num_classes))
+        task = tasks.Segmentation(num_classes, names)
+    else:
+        task = tasks.Classification(num_classes)
+    return Experiment(config, info, num_classes, (height, width, channels), mesh, model, rules,
+                      task)
 
 
 def _iterator(exp: Experiment, split: str, global_batch: int, train: bool) -> Iterator:
@@ -110,7 +130,8 @@ def _iterator(exp: Experiment, split: str, global_batch: int, train: bool) -> It
         return pipeline.make_iterator(
             exp.config.dataset, split, batch_size=global_batch // count, seed=exp.config.seed,
             train=train, data_dir=exp.config.data_dir, image_size=exp.config.image_size,
-            process_index=index, process_count=count, worker_count=exp.config.data_workers)
+            process_index=index, process_count=count, worker_count=exp.config.data_workers,
+            num_classes=exp.config.num_classes)
     except ValueError as e:
         raise ConfigError(f'config.dataset={exp.config.dataset!r}: {e}') from e
 
@@ -123,7 +144,8 @@ def _to_global(batch: dict[str, np.ndarray], sharding: jax.sharding.NamedShardin
 
 
 def evaluate(exp: Experiment, eval_step, state: state_lib.TrainState) -> dict[str, float]:
-    """One pass over the held-out split: ``eval/loss``, ``eval/accuracy``, ``eval/count``."""
+    """One pass over the held-out split: the task's scores (``tasks``), from sums accumulated
+    on device and read once."""
     sharding = mesh_lib.batch_sharding(exp.mesh)
     totals = None
     iterator = _iterator(exp, 'test', exp.config.eval_batch_size, train=False)
@@ -131,9 +153,7 @@ def evaluate(exp: Experiment, eval_step, state: state_lib.TrainState) -> dict[st
         sums = eval_step(state, _to_global(batch, sharding, exp.config.eval_batch_size))
         totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
     iterator.close()
-    count = float(totals['count'])
-    return {'eval/loss': float(totals['loss']) / count,
-            'eval/accuracy': float(totals['correct']) / count, 'eval/count': count}
+    return exp.task.scores(jax.device_get(totals))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> RunResult:
@@ -160,7 +180,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
             state = state_lib.create_state(init_fn, shardings, init_rng)
             if config.init_from:
                 state = pretrained.apply_pretrained(state, config.init_from, config.init_skip,
-                                                    shardings)
+                                                    shardings, *_pretrained_target(exp.model))
         else:
             changes = changed_keys(checkpointer.saved_config(latest), config)
             state = _restore(checkpointer, latest, abstract_state, shardings, train_iter, changes)
@@ -169,9 +189,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
             _print_start(exp, abstract_state, start, changes)
         batch_sharding = mesh_lib.batch_sharding(exp.mesh)
         train_step = steps.make_train_step(
-            exp.model, tx, optimizer_lib.make_schedule(config), config, exp.num_classes,
+            exp.model, tx, optimizer_lib.make_schedule(config), config, exp.task,
             step_rng, shardings, batch_sharding)
-        eval_step = steps.make_eval_step(exp.model, exp.num_classes, shardings, batch_sharding)
+        eval_step = steps.make_eval_step(exp.model, exp.task, shardings, batch_sharding)
         writer = MetricsWriter(workdir, start, enabled=is_main)
         state, preempted = _train(exp, state, train_iter, train_step, eval_step, checkpointer,
                                   writer)
@@ -180,6 +200,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
             final = evaluate(exp, eval_step, state)
             if start < config.num_train_steps:
                 writer.write(config.num_train_steps, _eval_row(final))
+            if exp.task.name == 'segmentation':
+                _write_predictions(exp, state, shardings, workdir / PREDICTIONS_FILE, is_main)
         checkpointer.close()
         writer.close()
         train_iter.close()
@@ -240,7 +262,33 @@ def _train(exp: Experiment, state: state_lib.TrainState, train_iter: Iterator, t
 
 
 def _eval_row(values: dict[str, float]) -> dict[str, float]:
-    return {name: values[name] for name in ('eval/loss', 'eval/accuracy')}
+    return {name: value for name, value in values.items() if name != 'eval/count'}
+
+
+def _pretrained_target(model: Any) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Where ``init_from`` weights go: ``(into, drop)``. A segmentation model takes a
+    classifier's checkpoint into its ``backbone``, without the classifier's head."""
+    if hasattr(model, 'backbone'):
+        return ('backbone',), (model.backbone.head,)
+    return (), ()
+
+
+def _write_predictions(exp: Experiment, state: state_lib.TrainState, shardings,
+                       path: pathlib.Path, is_main: bool, count: int = 6) -> None:
+    """``predictions.png``: the first ``count`` test images, their true and predicted masks.
+    Every process runs the prediction (its devices hold part of the batch); process 0 draws."""
+    sharding = mesh_lib.batch_sharding(exp.mesh)
+    predict = steps.make_predict_step(exp.model, shardings, sharding)
+    iterator = _iterator(exp, 'test', exp.config.eval_batch_size, train=False)
+    batch = next(iterator)
+    iterator.close()
+    images = _to_global({'image': batch['image']}, sharding, exp.config.eval_batch_size)
+    predicted = np.asarray(predict(state, images['image']))
+    if is_main:
+        shown = min(count, int(batch['mask'].sum()))
+        pixels = batch['image'][:shown] * np.asarray(exp.info.std) + np.asarray(exp.info.mean)
+        plot_predictions(pixels, batch['label'][:shown], predicted[:shown], exp.task.class_names,
+                         path)
 
 
 def _print_start(exp: Experiment, abstract_state: state_lib.TrainState, start: int,
@@ -269,5 +317,4 @@ def _print_end(exp: Experiment, workdir: pathlib.Path, step: int, final: dict | 
         print(f'stopped by SIGTERM after saving the checkpoint at step {step}; run the same '
               f'command to resume')
         return
-    print(f'final held-out accuracy after {step} steps: {100 * final["eval/accuracy"]:.2f}% '
-          f'({int(final["eval/count"])} test images, eval/loss {final["eval/loss"]:.4f})')
+    print(exp.task.describe(step, final))

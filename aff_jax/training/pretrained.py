@@ -5,6 +5,8 @@ The checkpoint is an Orbax checkpoint of ``{'params', 'batch_stats'}`` as writte
 Parameters and BatchNorm statistics replace the fresh initialisation; the step and the
 optimizer state stay fresh. Variables whose path starts with a prefix in ``skip`` keep their
 fresh values (a new classifier head: ``fc`` for ResNet hosts, ``output`` for the others).
+A segmentation model takes a classifier's checkpoint into its backbone (``into``), leaving out
+the classifier's head (``drop``); its decoder starts fresh.
 """
 from __future__ import annotations
 
@@ -19,26 +21,42 @@ from aff_jax.interop.convert import load_variables
 from aff_jax.training.errors import ConfigError
 
 
-def apply_pretrained(state, path: str, skip: Sequence[str], shardings):
+def _under(key: str, prefixes: Sequence[str]) -> bool:
+    return any(key == prefix or key.startswith(prefix + '/') for prefix in prefixes)
+
+
+def apply_pretrained(state, path: str, skip: Sequence[str], shardings,
+                     into: Sequence[str] = (), drop: Sequence[str] = ()):
     """``state`` with its params and batch_stats taken from the checkpoint at ``path``.
 
-    Strict: every variable not under ``skip`` must be in the checkpoint with the same shape,
-    and the checkpoint may hold nothing else outside ``skip``; one ``ConfigError`` names every
-    missing, unexpected and mis-shaped variable.
+    ``into``: the path (module names) in the run's variables where the checkpoint's tree
+    goes, the root by default; variables outside it keep their fresh values. ``drop``:
+    prefixes of the checkpoint's own paths that are left out (a classifier's head).
+    Strict: every variable under ``into`` and not under ``skip`` must be in the checkpoint with
+    the same shape, and the checkpoint may hold nothing else outside ``skip`` and ``drop``; one
+    ``ConfigError`` names every missing, unexpected and mis-shaped variable.
     """
     if not os.path.isdir(path):
         raise ConfigError(f'config.init_from: no checkpoint directory {path}')
     loaded = load_variables(path)
+    base = '/'.join(into)
+
+    def target(key: str) -> str | None:
+        """The run's key for a checkpoint key, None for a dropped one."""
+        if _under(key, drop):
+            return None
+        return f'{base}/{key}' if base else key
 
     def kept(key: str) -> bool:
-        return not any(key == prefix or key.startswith(prefix + '/') for prefix in skip)
+        return (not base or _under(key, (base,))) and not _under(key, skip)
 
     replaced = {}
     for collection in ('params', 'batch_stats'):
         ours = flax.traverse_util.flatten_dict(getattr(state, collection), sep='/')
-        theirs = flax.traverse_util.flatten_dict(dict(loaded.get(collection, {})), sep='/')
+        theirs = {target(k): v for k, v in flax.traverse_util.flatten_dict(
+            dict(loaded.get(collection, {})), sep='/').items() if target(k) is not None}
         missing = sorted(k for k in ours if kept(k) and k not in theirs)
-        unexpected = sorted(k for k in theirs if kept(k) and k not in ours)
+        unexpected = sorted(k for k in theirs if not _under(k, skip) and k not in ours)
         misshaped = sorted(f'{k}: run {ours[k].shape}, checkpoint {np.shape(theirs[k])}'
                            for k in ours if kept(k) and k in theirs
                            and tuple(ours[k].shape) != tuple(np.shape(theirs[k])))
