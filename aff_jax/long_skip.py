@@ -45,15 +45,6 @@ class LongSkipFusion(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
-    def fusion_factory(self) -> fusion_lib.FusionFactory:
-        if not isinstance(self.fusion, str):
-            if self.fusion_options:
-                raise TypeError('fusion_options applies to a fusion given by name, not to a factory')
-            return self.fusion
-        defaults = dict(r=self.r, stats_rule=self.stats_rule, dtype=self.dtype,
-                        param_dtype=self.param_dtype)
-        return fusion_lib.factory(self.fusion, defaults, **dict(self.fusion_options or {}))
-
     @nn.compact
     def __call__(self, x_low: jax.Array, y_high: jax.Array, train: bool) -> jax.Array:
         check_long_skip(x_low, y_high)
@@ -64,7 +55,24 @@ class LongSkipFusion(nn.Module):
         if y.shape[-1] != self.channels:
             y = conv2d(self.channels, 1, name='project', **kw)(y)
         y = layers.upsample(y.astype(x.dtype), height, width, self.upsample)
-        return self.fusion_factory()(name='fuse')(x, y, train)
+        factory = fusion_factory(self.fusion, self.r, self.fusion_options, self.stats_rule,
+                                 self.dtype, self.param_dtype)
+        return factory(name='fuse')(x, y, train)
+
+
+def fusion_factory(fusion: str | fusion_lib.FusionFactory, r: int = 4,
+                   fusion_options: Mapping[str, Any] | None = None,
+                   stats_rule: StatsRule = 'gluon', dtype: Dtype = jnp.float32,
+                   param_dtype: Dtype = jnp.float32) -> fusion_lib.FusionFactory:
+    """The factory of a long skip's fusion: a name is built with ``r``, ``stats_rule``,
+    ``dtype``, ``param_dtype`` where the scheme has them and with ``fusion_options``, checked
+    now; a factory is returned as is."""
+    if not isinstance(fusion, str):
+        if fusion_options:
+            raise TypeError('fusion_options applies to a fusion given by name, not to a factory')
+        return fusion
+    defaults = dict(r=r, stats_rule=stats_rule, dtype=dtype, param_dtype=param_dtype)
+    return fusion_lib.factory(fusion, defaults, **dict(fusion_options or {}))
 
 
 def check_long_skip(x_low: Any, y_high: Any) -> None:

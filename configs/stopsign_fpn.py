@@ -19,14 +19,14 @@ def get_config():
     c.model_overrides.pyramid_channels = 32
     c.model_overrides.r = 4
     c.dataset = 'aff_stopsign'
-    c.batch_size = 32
+    c.batch_size = 16
     c.eval_batch_size = 100
-    c.num_train_steps = 300
+    c.num_train_steps = 250  # 2 epochs of the 2,000 training scenes
     c.schedule = 'cosine'
     c.learning_rate = 0.1
-    c.warmup_steps = 20
+    c.warmup_steps = 10
     c.weight_decay = 1e-4
-    c.log_every_steps = 20
-    c.eval_every_steps = 100
-    c.checkpoint_every_steps = 100
+    c.log_every_steps = 10
+    c.eval_every_steps = 125
+    c.checkpoint_every_steps = 125
     return c

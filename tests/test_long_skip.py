@@ -87,7 +87,8 @@ def test_fusion_factory_and_options():
     """A factory is used as is (its r, not the module's); fusion_options reach a named scheme."""
     x, y = inputs(6, 8)
     by_factory = aff_jax.LongSkipFusion(8, fusion=fusion.factory('sk', r=4), r=2)
-    params = nn.unbox(jax.eval_shape(lambda: by_factory.init(jax.random.key(0), x, y, False)))['params']
+    params = nn.unbox(jax.eval_shape(
+        lambda: by_factory.init(jax.random.key(0), x, y, False)))['params']
     assert params['fuse']['global_att']['1']['kernel'].shape[-1] == 2  # 8 // 4
     doubled = aff_jax.LongSkipFusion(8, fusion='aff', r=2, fusion_options={'scale': 2.0})
     single = aff_jax.LongSkipFusion(8, fusion='aff', r=2)

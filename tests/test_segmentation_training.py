@@ -143,7 +143,7 @@ def _sharded_worker(out: pathlib.Path) -> None:
             for _ in range(3):
                 state, metrics = train_step(state, jax.device_put(batch, sharding))
                 losses.append(float(metrics['train/loss']))
-            eval_step = steps.make_eval_step(model, task, shardings, sharding)
+            eval_step = steps.make_eval_step(model, task.eval_sums, shardings, sharding)
             sums = eval_step(state, jax.device_put(eval_batch, sharding))
             results[name] = {'losses': losses, 'confusion': np.asarray(sums['confusion']).tolist(),
                              'scores': task.scores(jax.device_get(sums))}

@@ -20,7 +20,8 @@ Names:
                      the lines of PATH/classes.txt if present (`num_classes`, if given, must
                      match), else `num_classes` named 'class_0', ..., by default the largest
                      label seen + 1. Every pair is checked when the folder is loaded; the scan
-                     is cached per (path, num_classes) for the life of the process. Images may differ in size: `image_shape` is (S, S, 3)
+                     is cached per (path, num_classes) for the life of the process. Images may
+                     differ in size: `image_shape` is (S, S, 3)
                      when all are S x S, else `SEGMENTATION_IMAGE_SIZE` square (the training
                      crop and the eval resize; `make_iterator(image_size=...)` overrides it).
                      Normalised with the ImageNet statistics.

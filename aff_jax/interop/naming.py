@@ -158,14 +158,24 @@ def _as_numpy(value: Any) -> np.ndarray:
     return np.asarray(value)
 
 
-def check_keys(expected: Mapping[str, _Entry], given: Mapping[str, Any], framework: str) -> None:
-    """One ValueError naming every missing, unexpected and mis-shaped key, or nothing."""
+def key_mismatches(expected: Mapping[str, tuple[int, ...]], given: Mapping[str, tuple[int, ...]],
+                   labels: tuple[str, str] = ('expected', 'got')
+                   ) -> tuple[list[str], list[str], list[str]]:
+    """``(missing, unexpected, mis-shaped)`` between two ``key -> shape`` maps, each sorted;
+    a mis-shaped entry reads ``'key: expected (..), got (..)'`` (words from ``labels``)."""
     missing = sorted(set(expected) - set(given))
     unexpected = sorted(set(given) - set(expected))
-    misshaped = sorted(
-        f'{key}: expected {expected[key].shape}, got {tuple(_as_numpy(given[key]).shape)}'
-        for key in set(expected) & set(given)
-        if tuple(_as_numpy(given[key]).shape) != expected[key].shape)
+    misshaped = sorted(f'{key}: {labels[0]} {tuple(expected[key])}, {labels[1]} {tuple(given[key])}'
+                       for key in set(expected) & set(given)
+                       if tuple(given[key]) != tuple(expected[key]))
+    return missing, unexpected, misshaped
+
+
+def check_keys(expected: Mapping[str, _Entry], given: Mapping[str, Any], framework: str) -> None:
+    """One ValueError naming every missing, unexpected and mis-shaped key, or nothing."""
+    missing, unexpected, misshaped = key_mismatches(
+        {key: entry.shape for key, entry in expected.items()},
+        {key: _as_numpy(value).shape for key, value in given.items()})
     if missing or unexpected or misshaped:
         lines = [f'{framework} weights do not match the model:']
         for title, items in (('missing keys', missing), ('unexpected keys', unexpected),

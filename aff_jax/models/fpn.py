@@ -47,7 +47,8 @@ class FPN(nn.Module):
         pyramid = conv2d(self.pyramid_channels, 1, bias=True, dtype=self.dtype,
                          param_dtype=self.param_dtype, name='top')(features[-1])
         for i in reversed(range(len(features) - 1)):
-            pyramid = long_skip(self, self.pyramid_channels, f'merge{i}')(features[i], pyramid, train)
+            merge = long_skip(self, self.pyramid_channels, f'merge{i}')
+            pyramid = merge(features[i], pyramid, train)
         pyramid = ConvBNReLU(self.pyramid_channels, self.stats_rule, self.dtype, self.param_dtype,
                              name='smooth')(pyramid, train)
         return pixel_logits(self, pyramid, x.shape[1], x.shape[2])

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from aff_jax import fusion as fusion_lib
 from aff_jax.models.cifar_resnet import CIFARAFFResNet
 from aff_jax.models.cifar_resnext import CIFARAFFResNeXt
+from aff_jax.models.decoder_blocks import decoder_fusion
 from aff_jax.models.features import FeatureInfo
 from aff_jax.models import features as features_lib
 from aff_jax.models.fpn import FPN
@@ -226,14 +227,11 @@ def _create_segmentation(name: str, num_classes: int | None,
         else:
             backbone_fields[key.removeprefix(_BACKBONE_PREFIX)] = value
     backbone_fusion = backbone_fields.pop('fusion', None)
-    fusion = spec.fusion if fusion is None else fusion
-    stats_rule = _PRESETS[backbone].stats_rule
-    if isinstance(fusion, str):
-        # Checks the name and the options now rather than when the model is first traced.
-        fusion_lib.factory(fusion, dict(r=fields.get('r', 4), stats_rule=stats_rule),
-                           **dict(fields.get('fusion_options') or {}))
     features = create_model(backbone, fusion=backbone_fusion, dtype=dtype, features_only=True,
                             **backbone_fields)
-    return spec.decoder(backbone=features, fusion=fusion, stats_rule=stats_rule, dtype=dtype,
-                        num_classes=spec.num_classes if num_classes is None else num_classes,
-                        **fields)
+    model = spec.decoder(backbone=features, fusion=spec.fusion if fusion is None else fusion,
+                         stats_rule=_PRESETS[backbone].stats_rule, dtype=dtype,
+                         num_classes=spec.num_classes if num_classes is None else num_classes,
+                         **fields)
+    decoder_fusion(model)  # checks the fusion and its options now, not at the first trace
+    return model

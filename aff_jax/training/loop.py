@@ -191,7 +191,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         train_step = steps.make_train_step(
             exp.model, tx, optimizer_lib.make_schedule(config), config, exp.task,
             step_rng, shardings, batch_sharding)
-        eval_step = steps.make_eval_step(exp.model, exp.task, shardings, batch_sharding)
+        eval_step = steps.make_eval_step(exp.model, exp.task.eval_sums, shardings,
+                                         batch_sharding)
         writer = MetricsWriter(workdir, start, enabled=is_main)
         state, preempted = _train(exp, state, train_iter, train_step, eval_step, checkpointer,
                                   writer)
@@ -278,12 +279,13 @@ def _write_predictions(exp: Experiment, state: state_lib.TrainState, shardings,
     """``predictions.png``: the first ``count`` test images, their true and predicted masks.
     Every process runs the prediction (its devices hold part of the batch); process 0 draws."""
     sharding = mesh_lib.batch_sharding(exp.mesh)
-    predict = steps.make_predict_step(exp.model, shardings, sharding)
+    predict = steps.make_eval_step(
+        exp.model, lambda logits, _: jnp.argmax(logits, -1).astype(jnp.int32), shardings, sharding)
     iterator = _iterator(exp, 'test', exp.config.eval_batch_size, train=False)
     batch = next(iterator)
     iterator.close()
     images = _to_global({'image': batch['image']}, sharding, exp.config.eval_batch_size)
-    predicted = np.asarray(predict(state, images['image']))
+    predicted = np.asarray(predict(state, images))
     if is_main:
         shown = min(count, int(batch['mask'].sum()))
         pixels = batch['image'][:shown] * np.asarray(exp.info.std) + np.asarray(exp.info.mean)

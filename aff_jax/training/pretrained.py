@@ -18,6 +18,7 @@ import jax
 import numpy as np
 
 from aff_jax.interop.convert import load_variables
+from aff_jax.interop.naming import key_mismatches
 from aff_jax.training.errors import ConfigError
 
 
@@ -55,11 +56,10 @@ def apply_pretrained(state, path: str, skip: Sequence[str], shardings,
         ours = flax.traverse_util.flatten_dict(getattr(state, collection), sep='/')
         theirs = {target(k): v for k, v in flax.traverse_util.flatten_dict(
             dict(loaded.get(collection, {})), sep='/').items() if target(k) is not None}
-        missing = sorted(k for k in ours if kept(k) and k not in theirs)
-        unexpected = sorted(k for k in theirs if not _under(k, skip) and k not in ours)
-        misshaped = sorted(f'{k}: run {ours[k].shape}, checkpoint {np.shape(theirs[k])}'
-                           for k in ours if kept(k) and k in theirs
-                           and tuple(ours[k].shape) != tuple(np.shape(theirs[k])))
+        missing, unexpected, misshaped = key_mismatches(
+            {k: v.shape for k, v in ours.items() if kept(k)},
+            {k: np.shape(v) for k, v in theirs.items() if not _under(k, skip)},
+            labels=('run', 'checkpoint'))
         if missing or unexpected or misshaped:
             raise ConfigError(
                 f'config.init_from {path}: {collection} do not match the model '

@@ -7,7 +7,7 @@ and the evaluation sums are reduced over devices and processes the same way.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -100,30 +100,17 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
                    out_shardings=(state_shardings, replicated), donate_argnums=(0,))
 
 
-def make_eval_step(model: nn.Module, task: Task, state_shardings: TrainState,
-                   batch_sharding: NamedSharding
-                   ) -> Callable[[TrainState, Batch], dict[str, jax.Array]]:
-    """``eval_step(state, batch) -> task.eval_sums(...)``: running-average BN, padded examples
-    (``batch['mask']`` (B,) float32, 0 for padding) left out; the sums come back replicated."""
+def make_eval_step(model: nn.Module, reduce: Callable[[jax.Array, Batch], Any],
+                   state_shardings: TrainState, batch_sharding: NamedSharding
+                   ) -> Callable[[TrainState, Batch], Any]:
+    """``eval_step(state, batch) -> reduce(logits, batch)`` with running-average BN, the result
+    replicated on every process. ``reduce``: a task's ``eval_sums`` (which leave out padded
+    examples, ``batch['mask']`` 0), or e.g. the argmax for predictions to draw."""
     def eval_step(state: TrainState, batch: Batch):
         logits = model.apply({'params': state.params, 'batch_stats': state.batch_stats},
                              batch['image'], train=False)
-        return task.eval_sums(logits, batch)
+        return reduce(logits, batch)
 
     replicated = NamedSharding(batch_sharding.mesh, jax.sharding.PartitionSpec())
     return jax.jit(eval_step, in_shardings=(state_shardings, batch_sharding),
-                   out_shardings=replicated)
-
-
-def make_predict_step(model: nn.Module, state_shardings: TrainState,
-                      batch_sharding: NamedSharding) -> Callable[[TrainState, jax.Array], jax.Array]:
-    """``predict(state, images) -> argmax classes`` ((B,) or (B, H, W) int32), replicated on
-    every process so that process 0 can draw them."""
-    def predict(state: TrainState, images: jax.Array):
-        logits = model.apply({'params': state.params, 'batch_stats': state.batch_stats},
-                             images, train=False)
-        return jnp.argmax(logits, -1).astype(jnp.int32)
-
-    replicated = NamedSharding(batch_sharding.mesh, jax.sharding.PartitionSpec())
-    return jax.jit(predict, in_shardings=(state_shardings, batch_sharding),
                    out_shardings=replicated)
