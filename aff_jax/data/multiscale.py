@@ -16,11 +16,10 @@ Generation is pure numpy, seeded per (split, index), so every build writes the s
 PNG encoding uses pillow, so neither generating nor reading needs TensorFlow.
 """
 
-import io
-
 import numpy as np
 import tensorflow_datasets as tfds
-from PIL import Image
+
+from aff_jax.data.embedded import GeneratedBuilder, encode_png
 
 IMAGE_SIZE = 32
 SPLIT_SIZES = {'train': 5000, 'test': 1000}
@@ -123,36 +122,18 @@ def example(split: str, index: int) -> tuple[np.ndarray, int]:
     return render(np.random.default_rng([_SPLIT_SEEDS[split], index]), label), label
 
 
-def encode_png(image: np.ndarray) -> bytes:
-    """PNG bytes of an (H, W, 3) or (H, W) uint8 array (RGB or single-channel 'L')."""
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format='PNG', compress_level=1)
-    return buffer.getvalue()
-
-
-class AffMultiscale(tfds.core.GeneratorBasedBuilder):
+class AffMultiscale(GeneratedBuilder):
     """TFDS builder of `aff_multiscale`; prepare with `file_format='array_record'`."""
 
-    VERSION = tfds.core.Version('1.0.0')
-    RELEASE_NOTES = {'1.0.0': 'First release.'}
+    SPLIT_SIZES = SPLIT_SIZES
+    SUPERVISED_KEYS = ('image', 'label')
 
-    def _info(self) -> tfds.core.DatasetInfo:
-        # dataset_info_from_configs() needs the builder to live in its own package; build directly.
-        return tfds.core.DatasetInfo(
-            builder=self,
-            description=__doc__,
-            features=tfds.features.FeaturesDict({
-                'image': tfds.features.Image(shape=(IMAGE_SIZE, IMAGE_SIZE, 3)),
-                'label': tfds.features.ClassLabel(names=CLASS_NAMES),
-            }),
-            supervised_keys=('image', 'label'),
-        )
+    def features(self) -> tfds.features.FeaturesDict:
+        return tfds.features.FeaturesDict({
+            'image': tfds.features.Image(shape=(IMAGE_SIZE, IMAGE_SIZE, 3)),
+            'label': tfds.features.ClassLabel(names=CLASS_NAMES),
+        })
 
-    def _split_generators(self, dl_manager):
-        del dl_manager  # generated locally, nothing to download
-        return {split: self._generate_examples(split) for split in SPLIT_SIZES}
-
-    def _generate_examples(self, split):
-        for index in range(SPLIT_SIZES[split]):
-            image, label = example(split, index)
-            yield index, {'image': encode_png(image), 'label': label}
+    def record(self, split: str, index: int) -> dict:
+        image, label = example(split, index)
+        return {'image': encode_png(image), 'label': label}

@@ -34,7 +34,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from aff_jax.data.multiscale import encode_png
+from aff_jax.data.embedded import GeneratedBuilder, encode_png
 
 IMAGE_SIZE = 64
 SPLIT_SIZES = {'train': 2000, 'test': 500}
@@ -225,30 +225,19 @@ def example(split: str, index: int) -> tuple[np.ndarray, np.ndarray]:
     return render(np.random.default_rng([_SPLIT_SEEDS[split], index]))
 
 
-class AffStopsign(tfds.core.GeneratorBasedBuilder):
+class AffStopsign(GeneratedBuilder):
     """TFDS builder of `aff_stopsign`; prepare with `file_format='array_record'`."""
 
-    VERSION = tfds.core.Version('1.0.0')
-    RELEASE_NOTES = {'1.0.0': 'First release.'}
+    SPLIT_SIZES = SPLIT_SIZES
+    SUPERVISED_KEYS = ('image', 'segmentation_mask')
 
-    def _info(self) -> tfds.core.DatasetInfo:
-        # dataset_info_from_configs() needs the builder to live in its own package; build directly.
-        return tfds.core.DatasetInfo(
-            builder=self,
-            description=__doc__,
-            features=tfds.features.FeaturesDict({
-                'image': tfds.features.Image(shape=(IMAGE_SIZE, IMAGE_SIZE, 3)),
-                # A PNG, not a Tensor: label maps are mostly 0 and compress ~25x.
-                'segmentation_mask': tfds.features.Image(shape=(IMAGE_SIZE, IMAGE_SIZE, 1)),
-            }),
-            supervised_keys=('image', 'segmentation_mask'),
-        )
+    def features(self) -> tfds.features.FeaturesDict:
+        return tfds.features.FeaturesDict({
+            'image': tfds.features.Image(shape=(IMAGE_SIZE, IMAGE_SIZE, 3)),
+            # A PNG, not a Tensor: label maps are mostly 0 and compress ~25x.
+            'segmentation_mask': tfds.features.Image(shape=(IMAGE_SIZE, IMAGE_SIZE, 1)),
+        })
 
-    def _split_generators(self, dl_manager):
-        del dl_manager  # generated locally, nothing to download
-        return {split: self._generate_examples(split) for split in SPLIT_SIZES}
-
-    def _generate_examples(self, split):
-        for index in range(SPLIT_SIZES[split]):
-            image, label = example(split, index)
-            yield index, {'image': encode_png(image), 'segmentation_mask': encode_png(label)}
+    def record(self, split: str, index: int) -> dict:
+        image, label = example(split, index)
+        return {'image': encode_png(image), 'segmentation_mask': encode_png(label)}
