@@ -140,6 +140,14 @@ def randomized(variables, seed):
     return jax.tree_util.tree_map_with_path(fill, jax.tree.map(np.asarray, variables))
 
 
+def random_variables(model, x, seed):
+    """``model``'s variables for input ``x`` drawn by :func:`randomized` from their shapes:
+    initialising op by op (threefry) would cost ~25 s per model."""
+    abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))
+    return randomized(jax.tree.map(lambda a: np.zeros(a.shape, a.dtype),
+                                   flax.linen.unbox(abstract)), seed)
+
+
 @pytest.mark.parametrize('name', sorted(OVERRIDES))
 def test_classifier_weights_minus_head_load_into_the_features_model(name):
     """A classifier's exported weights (PyTorch keys for tv_*, Gluon names for the official
@@ -148,8 +156,7 @@ def test_classifier_weights_minus_head_load_into_the_features_model(name):
     classifier = aff_jax.create_model(name, num_classes=5, **OVERRIDES[name])
     features = aff_jax.create_model(name, features_only=True, **OVERRIDES[name])
     x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 32, 32, 3)), jnp.float32)
-    variables = randomized(flax.linen.unbox(classifier.init(jax.random.key(0), x, train=False)),
-                           seed=1)
+    variables = random_variables(classifier, x, seed=1)
     if name.startswith('tv_'):
         exported = aff_torch.to_state_dict(classifier, variables)
         loaded = aff_torch.from_state_dict(features, exported)
@@ -171,7 +178,7 @@ def test_features_model_is_still_strict_outside_the_head():
     classifier = aff_jax.create_model('tv_resnet18', layers=(1, 1, 1, 1), num_classes=3)
     features = aff_jax.create_model('tv_resnet18', layers=(1, 1, 1, 1), features_only=True)
     x = jnp.zeros((2, 32, 32, 3))
-    sd = aff_torch.to_state_dict(classifier, classifier.init(jax.random.key(0), x, train=False))
+    sd = aff_torch.to_state_dict(classifier, random_variables(classifier, x, seed=0))
     del sd['layer2.0.bn1.running_var']
     sd['layer9.weight'] = np.zeros(3, np.float32)
     with pytest.raises(ValueError) as err:
@@ -186,11 +193,11 @@ def test_init_from_a_classifier_checkpoint_fills_a_segmentation_backbone(tmp_pat
     overrides = dict(layers=(1, 1, 1), channels=(8, 8, 16, 32))
     classifier = aff_jax.create_model('cifar_aff_resnet32', num_classes=10, **overrides)
     x = jnp.zeros((2, 32, 32, 3))
-    saved = randomized(flax.linen.unbox(classifier.init(jax.random.key(0), x, train=False)), 3)
+    saved = random_variables(classifier, x, seed=3)
     save_variables(str(tmp_path / 'ckpt'), saved)
 
     seg = aff_jax.create_model('fpn', backbone='cifar_aff_resnet32', num_classes=2, **overrides)
-    fresh = flax.linen.unbox(seg.init(jax.random.key(1), x, train=False))
+    fresh = random_variables(seg, x, seed=4)
 
     class State(flax.struct.PyTreeNode):
         params: dict
@@ -214,8 +221,7 @@ def test_init_from_a_classifier_checkpoint_fills_a_segmentation_backbone(tmp_pat
                 np.testing.assert_array_equal(value, start[key])
     other = aff_jax.create_model('fpn', backbone='cifar_aff_resnet32', num_classes=2,
                                  layers=(1, 1, 1), channels=(8, 8, 16, 64))
-    other_state, other_shardings = with_shardings(
-        flax.linen.unbox(other.init(jax.random.key(1), x, train=False)))
+    other_state, other_shardings = with_shardings(random_variables(other, x, seed=5))
     with pytest.raises(ValueError, match=r'mis-shaped \[.backbone/features'):
         pretrained.apply_pretrained(other_state, str(tmp_path / 'ckpt'), (), other_shardings,
                                     into=('backbone',), drop=('output',))
