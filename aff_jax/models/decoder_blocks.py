@@ -9,8 +9,6 @@ import jax.numpy as jnp
 
 from aff_jax import layers
 from aff_jax.layers import BatchNorm, StatsRule, conv2d
-from aff_jax.fusion import FusionFactory
-from aff_jax.long_skip import LongSkipFusion, fusion_factory
 
 Dtype = Any
 
@@ -28,19 +26,6 @@ class ConvBNReLU(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         x = conv2d(self.features, 3, padding=1, name='0', **kw)(x)
         return nn.relu(BatchNorm(stats_rule=self.stats_rule, name='1', **kw)(x, train))
-
-
-def decoder_fusion(decoder: Any) -> FusionFactory:
-    """The factory of a decoder's long-skip fusion, from its ``fusion``, ``r``,
-    ``fusion_options``, ``stats_rule``, ``dtype`` and ``param_dtype`` (checked when built)."""
-    return fusion_factory(decoder.fusion, decoder.r, decoder.fusion_options, decoder.stats_rule,
-                          decoder.dtype, decoder.param_dtype)
-
-
-def long_skip(decoder: Any, channels: int, name: str) -> LongSkipFusion:
-    """The decoder's long-skip step at width ``channels``, with its fusion settings."""
-    return LongSkipFusion(channels, decoder_fusion(decoder), upsample=decoder.upsample,
-                          dtype=decoder.dtype, param_dtype=decoder.param_dtype, name=name)
 
 
 def pixel_logits(decoder: Any, x: jax.Array, height: int, width: int) -> jax.Array:

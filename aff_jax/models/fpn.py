@@ -9,15 +9,15 @@ Names: ``backbone`` (the features model's own tree, so a converted classifier lo
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from aff_jax.fusion import FusionFactory
 from aff_jax.layers import StatsRule, check_nhwc, conv2d
-from aff_jax.models.decoder_blocks import ConvBNReLU, long_skip, pixel_logits
+from aff_jax.long_skip import LongSkipFusion
+from aff_jax.models.decoder_blocks import ConvBNReLU, pixel_logits
 
 Dtype = Any
 
@@ -26,16 +26,14 @@ class FPN(nn.Module):
     """Input (N, H, W, 3) NHWC; output (N, H, W, num_classes) float32 logits.
 
     ``backbone``: a ``features_only`` host returning its stage maps finest first.
-    ``pyramid_channels``: the width of every pyramid level. ``fusion``, ``r``, ``upsample``,
-    ``fusion_options``: the long-skip step's (see :class:`aff_jax.LongSkipFusion`).
+    ``long_skip``: builds the long-skip step, ``long_skip(channels, name=...)``, e.g. a
+    ``functools.partial`` of :class:`aff_jax.LongSkipFusion` fixing its fusion.
+    ``pyramid_channels``: the width of every pyramid level.
     """
     backbone: nn.Module
     num_classes: int
-    fusion: str | FusionFactory = 'aff'
+    long_skip: Callable[..., LongSkipFusion] = LongSkipFusion
     pyramid_channels: int = 128
-    r: int = 4
-    upsample: str = 'nearest'
-    fusion_options: Mapping[str, Any] | None = None
     stats_rule: StatsRule = 'gluon'
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
@@ -47,7 +45,7 @@ class FPN(nn.Module):
         pyramid = conv2d(self.pyramid_channels, 1, bias=True, dtype=self.dtype,
                          param_dtype=self.param_dtype, name='top')(features[-1])
         for i in reversed(range(len(features) - 1)):
-            merge = long_skip(self, self.pyramid_channels, f'merge{i}')
+            merge = self.long_skip(self.pyramid_channels, name=f'merge{i}')
             pyramid = merge(features[i], pyramid, train)
         pyramid = ConvBNReLU(self.pyramid_channels, self.stats_rule, self.dtype, self.param_dtype,
                              name='smooth')(pyramid, train)

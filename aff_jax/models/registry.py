@@ -16,15 +16,16 @@ preset built with ``features_only=True``; see :func:`create_model`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import flax.linen as nn
 import jax.numpy as jnp
 
 from aff_jax import fusion as fusion_lib
+from aff_jax.long_skip import LongSkipFusion, fusion_factory
 from aff_jax.models.cifar_resnet import CIFARAFFResNet
 from aff_jax.models.cifar_resnext import CIFARAFFResNeXt
-from aff_jax.models.decoder_blocks import decoder_fusion
 from aff_jax.models.features import FeatureInfo
 from aff_jax.models import features as features_lib
 from aff_jax.models.fpn import FPN
@@ -218,20 +219,29 @@ def _create_segmentation(name: str, num_classes: int | None,
             raise ValueError(f'model {name!r} needs backbone=NAME, a classification model '
                              f'({", ".join(sorted(_PRESETS))}); got {backbone!r}')
     decoder_keys = set(spec.decoder.__dataclass_fields__) - {
-        'parent', 'name', 'backbone', 'num_classes', 'fusion', 'stats_rule', 'dtype'}
+        'parent', 'name', 'backbone', 'num_classes', 'long_skip', 'stats_rule', 'dtype'}
     fields = dict(spec.fields)
+    skip_fields = {key: LongSkipFusion.__dataclass_fields__[key].default
+                   for key in ('r', 'upsample', 'fusion_options')}
     backbone_fields = dict(spec.backbone_fields)
     for key, value in overrides.items():
-        if key in decoder_keys:
+        if key in skip_fields:
+            skip_fields[key] = value
+        elif key in decoder_keys:
             fields[key] = value
         else:
             backbone_fields[key.removeprefix(_BACKBONE_PREFIX)] = value
     backbone_fusion = backbone_fields.pop('fusion', None)
     features = create_model(backbone, fusion=backbone_fusion, dtype=dtype, features_only=True,
                             **backbone_fields)
-    model = spec.decoder(backbone=features, fusion=spec.fusion if fusion is None else fusion,
-                         stats_rule=_PRESETS[backbone].stats_rule, dtype=dtype,
-                         num_classes=spec.num_classes if num_classes is None else num_classes,
-                         **fields)
-    decoder_fusion(model)  # checks the fusion and its options now, not at the first trace
-    return model
+    stats_rule = _PRESETS[backbone].stats_rule
+    param_dtype = fields.get('param_dtype', jnp.float32)
+    # Built once here, so the fusion name and its options are checked now.
+    skip_fusion = fusion_factory(spec.fusion if fusion is None else fusion, skip_fields['r'],
+                                 skip_fields['fusion_options'], stats_rule, dtype, param_dtype)
+    skip = functools.partial(LongSkipFusion, fusion=skip_fusion,
+                             upsample=skip_fields['upsample'], dtype=dtype,
+                             param_dtype=param_dtype)
+    return spec.decoder(backbone=features, long_skip=skip, stats_rule=stats_rule, dtype=dtype,
+                        num_classes=spec.num_classes if num_classes is None else num_classes,
+                        **fields)

@@ -7,15 +7,15 @@ conv-BN-ReLU), ``classifier``.
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from aff_jax.fusion import FusionFactory
 from aff_jax.layers import StatsRule, check_nhwc
-from aff_jax.models.decoder_blocks import ConvBNReLU, long_skip, pixel_logits
+from aff_jax.long_skip import LongSkipFusion
+from aff_jax.models.decoder_blocks import ConvBNReLU, pixel_logits
 
 Dtype = Any
 DEFAULT_MAX_WIDTH = 256
@@ -24,17 +24,15 @@ DEFAULT_MAX_WIDTH = 256
 class UNet(nn.Module):
     """Input (N, H, W, 3) NHWC; output (N, H, W, num_classes) float32 logits.
 
-    ``decoder_channels``: the decoder's width at each backbone stage but the coarsest, finest
-    first (``len(stages) - 1`` values); default: each stage's own width, at most 256.
-    ``fusion``, ``r``, ``upsample``, ``fusion_options``: the long-skip step's.
+    ``long_skip``: builds the long-skip step, ``long_skip(channels, name=...)`` (see
+    :class:`FPN`). ``decoder_channels``: the decoder's width at each backbone stage but the
+    coarsest, finest first (``len(stages) - 1`` values); default: each stage's own width, at
+    most 256.
     """
     backbone: nn.Module
     num_classes: int
-    fusion: str | FusionFactory = 'aff'
+    long_skip: Callable[..., LongSkipFusion] = LongSkipFusion
     decoder_channels: Sequence[int] | None = None
-    r: int = 4
-    upsample: str = 'nearest'
-    fusion_options: Mapping[str, Any] | None = None
     stats_rule: StatsRule = 'gluon'
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
@@ -51,7 +49,7 @@ class UNet(nn.Module):
                              f'backbone stage but the coarsest), got {tuple(widths)}')
         y = features[-1]
         for i in reversed(range(len(features) - 1)):
-            y = long_skip(self, widths[i], f'merge{i}')(features[i], y, train)
+            y = self.long_skip(widths[i], name=f'merge{i}')(features[i], y, train)
             y = ConvBNReLU(widths[i], self.stats_rule, self.dtype, self.param_dtype,
                            name=f'block{i}')(y, train)
         return pixel_logits(self, y, x.shape[1], x.shape[2])
