@@ -127,6 +127,13 @@ def test_option_routing():
         8, 16, 24]
 
 
+def test_param_dtype_holds_for_backbone_and_decoder():
+    model = aff_jax.create_model('fpn_resnet20', layers=(1, 1, 1), param_dtype=jnp.bfloat16)
+    _, variables = abstract_apply(model)
+    dtypes = {leaf.dtype for leaf in jax.tree.leaves(variables['params'])}
+    assert dtypes == {jnp.dtype(jnp.bfloat16)}
+
+
 def test_segmentation_models_are_listed_and_bad_options_are_named():
     assert {'fpn', 'unet', 'fpn_resnet20'} <= set(aff_jax.list_models())
     assert aff_jax.models.is_segmentation('unet') and not aff_jax.models.is_segmentation(

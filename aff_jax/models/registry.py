@@ -231,6 +231,8 @@ def _create_segmentation(name: str, num_classes: int | None,
             fields[key] = value
         else:
             backbone_fields[key.removeprefix(_BACKBONE_PREFIX)] = value
+    if 'param_dtype' in fields:  # like dtype, it holds for the whole model
+        backbone_fields.setdefault('param_dtype', fields['param_dtype'])
     backbone_fusion = backbone_fields.pop('fusion', None)
     features = create_model(backbone, fusion=backbone_fusion, dtype=dtype, features_only=True,
                             **backbone_fields)
