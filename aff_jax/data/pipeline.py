@@ -15,11 +15,13 @@ holds stream positions [t*P*B, (t+1)*P*B) for any P: the data order does not dep
 many processes read it. Evaluation reads each example once over all processes, shards padded
 so that every process yields the same number of full batches.
 
-The iterator is a `grain.DatasetIterator`; save and restore its position with
-`grain.checkpoint.CheckpointSave(it)` / `CheckpointRestore(it)` in an Orbax CheckpointManager
-(or `it.get_state()` / `it.set_state(state)`). Batches are the same for every `worker_count`,
-but a saved state restores only into an iterator made with the same `worker_count` and
-process layout. With worker processes, call `it.close()` when done.
+A training position is a global batch index: `make_iterator(..., start_batch=t)` yields the
+batches of steps t, t+1, ... for any `worker_count` and process layout, which is how a run
+resumes (nothing per worker or per process to save). The iterator is also a
+`grain.DatasetIterator` (`get_state` / `set_state`, `grain.checkpoint.CheckpointSave`), whose
+state only fits an iterator of the same `worker_count` and process layout. `make_dataset` is
+the re-iterable dataset behind `make_iterator`: the evaluation reads it once per evaluation
+without opening the source again. With worker processes, call `it.close()` when done.
 """
 
 import math
@@ -32,7 +34,8 @@ from absl import flags
 from aff_jax.data import augment, sources
 from aff_jax.data.sources import IGNORE_LABEL, DatasetInfo, DatasetNotFoundError  # re-exported
 
-__all__ = ['IGNORE_LABEL', 'DatasetInfo', 'DatasetNotFoundError', 'get_info', 'make_iterator']
+__all__ = ['IGNORE_LABEL', 'DatasetInfo', 'DatasetNotFoundError', 'get_info', 'make_dataset',
+           'make_iterator']
 
 _READ_THREADS = 4
 _PREFETCH_BATCHES = 4
@@ -97,7 +100,12 @@ def _eval_padding(info: DatasetInfo, size: int) -> dict:
     return {'image': image, 'label': label, 'mask': np.float32(0.0)}
 
 
-def make_iterator(
+def make_iterator(name: str, split: str, **kwargs) -> grain.DatasetIterator:
+    """An iterator of this process's batches: `iter(make_dataset(name, split, **kwargs))`."""
+    return iter(make_dataset(name, split, **kwargs))
+
+
+def make_dataset(
     name: str,
     split: str,
     *,
@@ -112,8 +120,9 @@ def make_iterator(
     worker_count: int = 0,
     augment_kind=None,
     num_classes=None,
-) -> grain.DatasetIterator:
-    """An iterator of this process's batches of `split` ('train' or 'test') of dataset `name`.
+    start_batch: int = 0,
+) -> grain.IterDataset:
+    """This process's batches of `split` ('train' or 'test') of dataset `name`.
 
     batch_size: per process. seed: any non-negative int; fixes shuffle and augmentation.
     train=True: shuffled anew each epoch, augmented, `num_epochs` passes (None: forever), the
@@ -125,6 +134,8 @@ def make_iterator(
     worker_count: grain worker processes (0: threads in this process).
     augment_kind: overrides `info.augment`, one of `augment.TASK_AUGMENTS[info.task]`.
     num_classes: for 'segfolder:' names only (see `sources`); other datasets ignore it.
+    start_batch: training only; the first batch is the global batch of this index (step), as
+      if `start_batch` batches had been read.
     """
     if split not in sources.SPLITS:
         raise ValueError(f'split must be one of {sources.SPLITS}, got {split!r}')
@@ -136,6 +147,9 @@ def make_iterator(
             raise ValueError('num_epochs applies to training only; evaluation is one pass')
         num_epochs = _check_int(num_epochs, 'num_epochs', 1)
     process_index, process_count = _resolve_processes(process_index, process_count)
+    start_batch = _check_int(start_batch, 'start_batch', 0)
+    if start_batch and not train:
+        raise ValueError('start_batch applies to training only; evaluation is one pass')
 
     dataset = sources.load(name, data_dir, num_classes)
     info = dataset.info
@@ -167,7 +181,7 @@ def make_iterator(
 
     # Batch before leaving MapDataset: worker processes then split whole batches round robin,
     # so the batches do not depend on worker_count. Prefetch a few batches, not grain's 500.
-    batches = elements.batch(batch_size, drop_remainder=train).to_iter_dataset(
+    batches = elements.batch(batch_size, drop_remainder=train)[start_batch:].to_iter_dataset(
         grain.ReadOptions(num_threads=_READ_THREADS, prefetch_buffer_size=_PREFETCH_BATCHES)
     )
     if worker_count:
@@ -175,4 +189,4 @@ def make_iterator(
         if not flags.FLAGS.is_parsed():
             flags.FLAGS.mark_as_parsed()
         batches = batches.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
-    return iter(batches)
+    return batches
