@@ -41,12 +41,14 @@ _READ_THREADS = 4
 _PREFETCH_BATCHES = 4
 
 
-def get_info(name: str, data_dir=None, num_classes=None) -> DatasetInfo:
+def get_info(name: str, data_dir=None, num_classes=None, skip_bad_files=False) -> DatasetInfo:
     """Metadata of dataset `name` (see `sources`); prepares the embedded datasets on first use.
 
     num_classes: for 'segfolder:' names only (None: inferred); other datasets ignore it.
+    skip_bad_files: for folder names only: leave out the files that fail to decode instead of
+      raising (see `sources`); other datasets ignore it.
     """
-    return sources.load(name, data_dir, num_classes).info
+    return sources.load(name, data_dir, num_classes, skip_bad_files).info
 
 
 def _check_int(value, what: str, minimum: int) -> int:
@@ -121,6 +123,7 @@ def make_dataset(
     augment_kind=None,
     num_classes=None,
     start_batch: int = 0,
+    skip_bad_files=False,
 ) -> grain.IterDataset:
     """This process's batches of `split` ('train' or 'test') of dataset `name`.
 
@@ -136,6 +139,8 @@ def make_dataset(
     num_classes: for 'segfolder:' names only (see `sources`); other datasets ignore it.
     start_batch: training only; the first batch is the global batch of this index (step), as
       if `start_batch` batches had been read.
+    skip_bad_files: for folder names only: leave out the files that fail to decode instead of
+      raising (see `sources`); other datasets ignore it.
     """
     if split not in sources.SPLITS:
         raise ValueError(f'split must be one of {sources.SPLITS}, got {split!r}')
@@ -151,7 +156,7 @@ def make_dataset(
     if start_batch and not train:
         raise ValueError('start_batch applies to training only; evaluation is one pass')
 
-    dataset = sources.load(name, data_dir, num_classes)
+    dataset = sources.load(name, data_dir, num_classes, skip_bad_files)
     info = dataset.info
     kind = _resolve_augment(info, augment_kind)
     size = _resolve_image_size(info, kind, image_size)

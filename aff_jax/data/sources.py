@@ -19,13 +19,23 @@ Names:
                      class indices, `IGNORE_LABEL` = ignore, the size of its image. Classes:
                      the lines of PATH/classes.txt if present (`num_classes`, if given, must
                      match), else `num_classes` named 'class_0', ..., by default the largest
-                     label seen + 1. Every pair is checked when the folder is loaded; the scan
-                     is cached per (path, num_classes) for the life of the process. Images may
+                     label seen + 1. Every pair is checked when the folder is loaded. Images may
                      differ in size: `image_shape` is (S, S, 3)
                      when all are S x S, else `SEGMENTATION_IMAGE_SIZE` square (the training
                      crop and the eval resize; `make_iterator(image_size=...)` overrides it).
                      Normalised with the ImageNet statistics.
 Split names are 'train' and 'test' ('test' reads TFDS 'validation' where there is no 'test').
+
+Loading a folder (either kind) decodes every file once, before any training step (see
+`file_checks`: in parallel, verdicts cached on disk by path, size and mtime). Files that are
+empty, not images or truncated raise one ValueError listing them (the first
+`file_checks.MAX_LISTED`, each with its reason) and their count; `skip_bad_files=True` instead
+leaves them out (a segmentation pair goes with either of its files), logs each, and counts only
+the rest in `num_train` / `num_test`; a training class folder or a split left without examples
+is still an error, and so is a mask that decodes but breaks the rules above (mode, size,
+labels). The scan of a folder is cached per (path, num_classes, skip_bad_files) for
+the life of the process (`clear_folder_cache` forgets it). TFDS datasets are not checked: they
+are written by their builders.
 
 TFDS data lives in `data_dir`: the argument, else $TFDS_DATA_DIR, else ~/tensorflow_datasets.
 Only the ArrayRecord format gives grain random access, and reading needs no TensorFlow
@@ -37,7 +47,6 @@ most 64 px a side (the size of the first training image for an image folder), el
 at 224x224.
 """
 
-import contextlib
 import dataclasses
 import functools
 import os
@@ -47,7 +56,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from aff_jax.data import multiscale, stopsign
+from aff_jax.data import file_checks, multiscale, stopsign
 
 SPLITS = ('train', 'test')
 IMAGEFOLDER_PREFIX = 'imagefolder:'
@@ -144,18 +153,27 @@ def resolve_data_dir(data_dir=None) -> str:
     return os.environ.get('TFDS_DATA_DIR') or os.path.expanduser('~/tensorflow_datasets')
 
 
-def load(name: str, data_dir=None, num_classes=None) -> Dataset:
+def load(name: str, data_dir=None, num_classes=None, skip_bad_files=False) -> Dataset:
     """Resolves a dataset name (see the module docstring) into its info and splits.
 
     num_classes: for 'segfolder:' names only (None: inferred); other datasets ignore it.
+    skip_bad_files: for folder names only: leave out (and log) the files that fail to decode
+      instead of raising one ValueError that lists them; other datasets ignore it.
     """
     if not isinstance(name, str) or not name:
         raise ValueError(f'dataset name must be a non-empty string, got {name!r}')
     if name.startswith(IMAGEFOLDER_PREFIX):
-        return _load_imagefolder(name[len(IMAGEFOLDER_PREFIX):])
+        return _load_imagefolder(name[len(IMAGEFOLDER_PREFIX):], bool(skip_bad_files))
     if name.startswith(SEGFOLDER_PREFIX):
-        return _load_segfolder(name[len(SEGFOLDER_PREFIX):], num_classes)
+        return _load_segfolder(name[len(SEGFOLDER_PREFIX):], num_classes, bool(skip_bad_files))
     return _load_tfds(name, resolve_data_dir(data_dir))
+
+
+def clear_folder_cache() -> None:
+    """Forgets this process's folder scans, so that the next load lists the folder again (its
+    files are decoded again only where the verdict cache of `file_checks` misses)."""
+    _scan_imagefolder.cache_clear()
+    _scan_segfolder.cache_clear()
 
 
 def _default_augment(image_shape) -> str:
@@ -334,7 +352,27 @@ def _class_files(split_dir: str) -> dict[str, list[str]]:
     return classes
 
 
-def _load_imagefolder(root: str) -> Dataset:
+@dataclasses.dataclass(frozen=True)
+class _ImageFolderScan:
+    """A checked image folder: split -> class name -> image paths, and the classes (train's)."""
+
+    files: dict
+    class_names: tuple[str, ...]
+    first_size: tuple[int, int]   # (width, height) of the first training image
+
+
+def _check_train_classes(root: str, files: dict, after: str = '') -> None:
+    """Raises naming the training class folders in `files` without images."""
+    empty = [c for c, paths in files['train'].items() if not paths]
+    if empty:
+        raise ValueError(f'imagefolder: class folders without images in {root}/train{after}: '
+                         f'{empty}')
+
+
+@functools.lru_cache(maxsize=None)
+def _scan_imagefolder(root: str, skip_bad_files: bool) -> _ImageFolderScan:
+    """Lists and checks folder `root` (a resolved path): the layout, then every file (see
+    `file_checks`); once per process and `skip_bad_files`. Errors are not cached."""
     if not os.path.isdir(root):
         raise ValueError(f'imagefolder: {root!r} is not a directory')
     files = {}
@@ -350,30 +388,43 @@ def _load_imagefolder(root: str) -> Dataset:
                 f'imagefolder: no class folder with images ({", ".join(IMAGE_EXTENSIONS)}) '
                 f'in {split_dir!r}'
             )
-    class_names = sorted(files['train'])
-    empty = [c for c in class_names if not files['train'][c]]
-    if empty:
-        raise ValueError(f'imagefolder: class folders without images in {root}/train: {empty}')
-    unknown = sorted(set(files['test']) - set(class_names))
+    _check_train_classes(root, files)
+    unknown = sorted(set(files['test']) - set(files['train']))
     if unknown:
         raise ValueError(f'imagefolder: classes in {root}/test that train/ lacks: {unknown}')
-    index = {name: i for i, name in enumerate(class_names)}
+    paths = [path for split in SPLITS for class_paths in files[split].values()
+             for path in class_paths]
+    checked = file_checks.check(root, paths)
+    file_checks.report_bad('imagefolder', checked.bad, len(paths), skip_bad_files)
+    if checked.bad:
+        files = {split: {c: [p for p in class_paths if p in checked.good]
+                         for c, class_paths in files[split].items()} for split in SPLITS}
+        _check_train_classes(root, files, ' once the bad files are left out')
+        if not any(files['test'].values()):
+            raise ValueError(f'imagefolder: no readable images in {root}/test')
+    class_names = tuple(files['train'])   # sorted by `_class_files`
+    first_size = checked.good[files['train'][class_names[0]][0]].size
+    return _ImageFolderScan(files, class_names, first_size)
+
+
+def _load_imagefolder(root: str, skip_bad_files: bool) -> Dataset:
+    scan = _scan_imagefolder(os.path.realpath(root), skip_bad_files)
+    index = {name: i for i, name in enumerate(scan.class_names)}
     by_split = {}
     for split in SPLITS:
-        pairs = [(path, index[c]) for c, paths in files[split].items() for path in paths]
+        pairs = [(path, index[c]) for c, paths in scan.files[split].items() for path in paths]
         by_split[split] = ImageFolderSource(*zip(*pairs))
-    with Image.open(files['train'][class_names[0]][0]) as first:
-        width, height = first.size
+    width, height = scan.first_size
     augment_kind = _default_augment((height, width, 3))
     info = DatasetInfo(
-        num_classes=len(class_names),
+        num_classes=len(scan.class_names),
         image_shape=_output_shape(augment_kind, (height, width, 3)),
         num_train=len(by_split['train']),
         num_test=len(by_split['test']),
         mean=IMAGENET_MEAN,
         std=IMAGENET_STD,
         augment=augment_kind,
-        class_names=tuple(class_names),
+        class_names=scan.class_names,
     )
     return Dataset(info, {s: grain.MapDataset.source(src) for s, src in by_split.items()})
 
@@ -408,7 +459,6 @@ class _SegFolderScan:
     square_side: int | None   # S when every image is S x S, else None
 
 
-_MASK_MODES = ('L', 'P')
 _CLASSES_FILE = 'classes.txt'
 
 
@@ -450,33 +500,23 @@ def _split_pairs(root: str, split: str) -> list[tuple[str, str]]:
     return [(images[stem], masks[stem]) for stem in sorted(images)]
 
 
-@contextlib.contextmanager
-def _reading(path: str):
-    """`Image.open(path)`; an OSError inside (unreadable, truncated) names the file, one line."""
-    try:
-        with Image.open(path) as image:
-            yield image
-    except OSError as error:  # incl. PIL's UnidentifiedImageError
-        raise ValueError(f'segfolder: cannot read {path!r}: {error}') from None
+def _mask_labels(image_path: str, mask_path: str, facts: dict) -> tuple[np.ndarray, tuple]:
+    """The sorted labels present in a mask, and its image's (width, height); checks the pair.
 
-
-def _mask_labels(image_path: str, mask_path: str) -> tuple[np.ndarray, tuple[int, int]]:
-    """The sorted labels present in a mask, and its image's (width, height); checks the pair."""
-    with _reading(image_path) as image:
-        image_size = image.size
-    with _reading(mask_path) as mask:
-        if mask.mode not in _MASK_MODES:
-            raise ValueError(
-                f'segfolder: mask {mask_path!r} has PIL mode {mask.mode!r}; masks must be '
-                f"single-channel 8-bit PNGs ('L' or 'P') of class indices"
-            )
-        if mask.size != image_size:
-            raise ValueError(
-                f'segfolder: mask {mask_path!r} is {mask.size[0]}x{mask.size[1]} (WxH) but its '
-                f'image {image_path!r} is {image_size[0]}x{image_size[1]}'
-            )
-        counts = np.bincount(np.asarray(mask).ravel(), minlength=256)
-    return np.flatnonzero(counts), image_size
+    facts: path -> `file_checks.Facts` of both files.
+    """
+    image, mask = facts[image_path], facts[mask_path]
+    if mask.mode not in file_checks.LABEL_MODES:
+        raise ValueError(
+            f'segfolder: mask {mask_path!r} has PIL mode {mask.mode!r}; masks must be '
+            f"single-channel 8-bit PNGs ('L' or 'P') of class indices"
+        )
+    if mask.size != image.size:
+        raise ValueError(
+            f'segfolder: mask {mask_path!r} is {mask.size[0]}x{mask.size[1]} (WxH) but its '
+            f'image {image_path!r} is {image.size[0]}x{image.size[1]}'
+        )
+    return np.asarray(mask.labels, np.int64), image.size
 
 
 def _read_class_names(path: str) -> tuple[str, ...]:
@@ -525,25 +565,36 @@ def _class_names(root: str, num_classes, labels: dict) -> tuple[str, ...]:
 
 
 @functools.lru_cache(maxsize=None)
-def _scan_segfolder(root: str, num_classes) -> _SegFolderScan:
-    """Checks every pair of folder `root` (a resolved path), once per process and num_classes.
-
-    Errors are not cached: a load after fixing the folder scans it again.
+def _scan_segfolder(root: str, num_classes, skip_bad_files: bool) -> _SegFolderScan:
+    """Checks every pair of folder `root` (a resolved path): the layout, every file (see
+    `file_checks`), then each pair and the classes; once per process, `num_classes` and
+    `skip_bad_files`. A bad file left out takes its pair with it. Errors are not cached: a
+    load after fixing the folder scans it again.
     """
     if not os.path.isdir(root):
         raise ValueError(f'segfolder: {root!r} is not a directory')
     pairs = {split: _split_pairs(root, split) for split in SPLITS}
+    every_pair = [pair for split in SPLITS for pair in pairs[split]]
+    checked = file_checks.check(root, [image for image, _ in every_pair],
+                                [mask for _, mask in every_pair])
+    file_checks.report_bad('segfolder', checked.bad, 2 * len(every_pair), skip_bad_files)
+    for split in SPLITS:
+        pairs[split] = [(image, mask) for image, mask in pairs[split]
+                        if image in checked.good and mask in checked.good]
+        if not pairs[split]:
+            raise ValueError(f'segfolder: no readable image and mask pair left in '
+                             f'{os.path.join(root, split)!r} once the bad files are left out')
     labels, sizes = {}, set()
     for split in SPLITS:
         for image_path, mask_path in pairs[split]:
-            labels[mask_path], size = _mask_labels(image_path, mask_path)
+            labels[mask_path], size = _mask_labels(image_path, mask_path, checked.good)
             sizes.add(size)
     (width, height), *others = sizes
     square_side = width if not others and width == height else None
     return _SegFolderScan(pairs, _class_names(root, num_classes, labels), square_side)
 
 
-def _load_segfolder(root: str, num_classes) -> Dataset:
+def _load_segfolder(root: str, num_classes, skip_bad_files: bool) -> Dataset:
     if num_classes is not None and (
         isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer))
         or not 1 <= num_classes <= IGNORE_LABEL
@@ -553,7 +604,7 @@ def _load_segfolder(root: str, num_classes) -> Dataset:
             f'{IGNORE_LABEL} = ignore), got {num_classes!r}'
         )
     num_classes = None if num_classes is None else int(num_classes)
-    scan = _scan_segfolder(os.path.realpath(root), num_classes)
+    scan = _scan_segfolder(os.path.realpath(root), num_classes, skip_bad_files)
     side = scan.square_side or SEGMENTATION_IMAGE_SIZE
     info = DatasetInfo(
         num_classes=len(scan.class_names),
