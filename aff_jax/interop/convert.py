@@ -7,6 +7,9 @@ The output directory holds ``{'params', 'batch_stats'}`` written by Orbax's
 ``StandardCheckpointer``: ``load_variables(dir)`` returns them for ``model.apply``, and the
 trainer's ``init_from`` config key starts fine-tuning from them. The preset's preprocessing
 (``aff_jax.models.preset(name).preprocessing``) says how inputs must be normalised.
+
+Exit status: 0 written; 1 a one-line ``error: ...`` on stderr (unreadable or mismatched
+weights, existing output directory); 2 bad arguments.
 """
 from __future__ import annotations
 
@@ -83,9 +86,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         variables = convert(args.model, mxnet=args.mxnet, torch=args.torch, fusion=args.fusion)
         path = save_variables(args.out, variables)
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
+    # Bad input (unreadable or mismatched weights, an existing --out, no torch) ends in one
+    # line, as in `python -m train`; anything else is a bug and keeps its traceback.
+    except (ValueError, OSError, ImportError) as err:
         print(f'error: {err}', file=sys.stderr)
-        return 2
+        return 1
     print(f'wrote {path}')
     return 0
 

@@ -152,37 +152,82 @@ def entries(model: nn.Module, convention: Convention, inputs: tuple) -> dict[str
     return result
 
 
-def _as_numpy(value: Any) -> np.ndarray:
+def as_numpy(value: Any) -> np.ndarray:
+    """``value`` as a numpy array; a ``torch.Tensor`` of bfloat16 or float16 becomes float32
+    (numpy has no bfloat16, and the flax variables are float32)."""
     if hasattr(value, 'detach'):  # a torch.Tensor, without importing torch
-        value = value.detach().cpu().numpy()
+        value = value.detach().cpu()
+        if value.is_floating_point() and value.element_size() < 4:
+            value = value.float()
+        value = value.numpy()
     return np.asarray(value)
 
 
+def capped(items: list[str], limit: int = 10) -> list[str]:
+    """The first ``limit`` of ``items``, then one ``'... (and N more)'`` entry for the rest, so
+    that an error naming them stays short however many there are."""
+    if len(items) <= limit:
+        return list(items)
+    return list(items[:limit]) + [f'... (and {len(items) - limit} more)']
+
+
 def key_mismatches(expected: Mapping[str, tuple[int, ...]], given: Mapping[str, tuple[int, ...]],
-                   labels: tuple[str, str] = ('expected', 'got')
+                   labels: tuple[str, str] = ('expected', 'got'), limit: int | None = 10
                    ) -> tuple[list[str], list[str], list[str]]:
     """``(missing, unexpected, mis-shaped)`` between two ``key -> shape`` maps, each sorted;
-    a mis-shaped entry reads ``'key: expected (..), got (..)'`` (words from ``labels``)."""
+    a mis-shaped entry reads ``'key: expected (..), got (..)'`` (words from ``labels``).
+
+    Each list is :func:`capped` at ``limit`` entries (``None``: complete), ready to go into an
+    error message.
+    """
     missing = sorted(set(expected) - set(given))
     unexpected = sorted(set(given) - set(expected))
     misshaped = sorted(f'{key}: {labels[0]} {tuple(expected[key])}, {labels[1]} {tuple(given[key])}'
                        for key in set(expected) & set(given)
                        if tuple(given[key]) != tuple(expected[key]))
-    return missing, unexpected, misshaped
+    if limit is None:
+        return missing, unexpected, misshaped
+    return capped(missing, limit), capped(unexpected, limit), capped(misshaped, limit)
+
+
+def _listing(items: list[str], kind: str) -> str:
+    noun = 'key' if len(items) == 1 else 'keys'
+    return f'{kind} {len(items)} {noun}: ' + ', '.join(capped(items))
+
+
+def _extra_prefix(missing: list[str], unexpected: list[str]) -> str | None:
+    """The shortest dotted prefix that every unexpected key carries and whose removal turns
+    some of them into missing keys (``'encoder.'`` of weights saved from a model wrapping
+    this one), or None."""
+    if not missing or not unexpected:
+        return None
+    wanted = set(missing)
+    first = unexpected[0].split('.')[:-1]
+    for depth in range(1, len(first) + 1):
+        prefix = '.'.join(first[:depth]) + '.'
+        if not all(key.startswith(prefix) for key in unexpected):
+            return None
+        if any(key[len(prefix):] in wanted for key in unexpected):
+            return prefix
+    return None
 
 
 def check_keys(expected: Mapping[str, _Entry], given: Mapping[str, Any], framework: str) -> None:
-    """One ValueError naming every missing, unexpected and mis-shaped key, or nothing."""
+    """One single-line ValueError counting the missing, unexpected and mis-shaped keys and
+    naming the first ten of each kind (with a hint when the given keys carry an extra prefix),
+    or nothing."""
     missing, unexpected, misshaped = key_mismatches(
         {key: entry.shape for key, entry in expected.items()},
-        {key: _as_numpy(value).shape for key, value in given.items()})
-    if missing or unexpected or misshaped:
-        lines = [f'{framework} weights do not match the model:']
-        for title, items in (('missing keys', missing), ('unexpected keys', unexpected),
-                             ('mis-shaped keys', misshaped)):
-            if items:
-                lines.append(f'  {title} ({len(items)}): ' + ', '.join(items))
-        raise ValueError('\n'.join(lines))
+        {key: as_numpy(value).shape for key, value in given.items()}, limit=None)
+    if not (missing or unexpected or misshaped):
+        return
+    parts = [_listing(items, kind) for kind, items in (
+        ('missing', missing), ('unexpected', unexpected), ('mis-shaped', misshaped)) if items]
+    prefix = _extra_prefix(missing, unexpected)
+    if prefix:
+        parts.append(f'hint: every unexpected key starts with {prefix!r}, which the model\'s '
+                     f'keys lack; remove that prefix from the keys')
+    raise ValueError(f'{framework} weights do not match the model: ' + '; '.join(parts))
 
 
 def to_flax(model: nn.Module, weights: Mapping[str, Any], convention: Convention,
@@ -192,12 +237,12 @@ def to_flax(model: nn.Module, weights: Mapping[str, Any], convention: Convention
     A ``features_only`` host takes a classifier's weights: its head is left out.
     """
     weights = without_head(model, weights)
-    shapes = {k: tuple(_as_numpy(v).shape) for k, v in weights.items()}
+    shapes = {k: tuple(as_numpy(v).shape) for k, v in weights.items()}
     expected = entries(model, convention, inputs or example_inputs(model, shapes))
     check_keys(expected, weights, convention.framework)
     flat: dict[tuple[str, ...], np.ndarray] = {}
     for key, entry in expected.items():
-        value = _as_numpy(weights[key])
+        value = as_numpy(weights[key])
         integral = np.issubdtype(np.dtype(entry.dtype), np.integer)
         if np.issubdtype(value.dtype, np.integer) != integral:
             raise ValueError(f'{key}: expected {"an integer" if integral else "a floating"} '
