@@ -20,6 +20,18 @@ FOLDER_CLASSES = 10
 FOLDER_SPLITS = {'train': 12, 'test': 4}  # images per class
 
 
+@pytest.fixture(scope='session', autouse=True)
+def user_cache(tmp_path_factory):
+    """The suite's own user cache dir (the folder-check verdicts), not the user's."""
+    previous = os.environ.get('XDG_CACHE_HOME')
+    os.environ['XDG_CACHE_HOME'] = str(tmp_path_factory.mktemp('user_cache'))
+    yield
+    if previous is None:
+        del os.environ['XDG_CACHE_HOME']
+    else:
+        os.environ['XDG_CACHE_HOME'] = previous
+
+
 @pytest.fixture(scope='session')
 def train_env(tmp_path_factory) -> dict[str, str]:
     """Environment for training subprocesses: one CPU device, a TFDS data dir of their own,

@@ -122,7 +122,8 @@ def _sharded_worker(out: pathlib.Path) -> None:
 
     assert jax.device_count() == 8
     config = ml_collections.ConfigDict(dict(num_train_steps=10, mixup_alpha=0.0,
-                                            mixup_off_steps=0, label_smoothing=0.1))
+                                            mixup_off_steps=0, label_smoothing=0.1,
+                                            skip_nonfinite_updates=False))
     task = tasks.Segmentation(K, NAMES)
     model, tx = TinySegmenter(), optax.sgd(0.1)
     rng = np.random.default_rng(0)

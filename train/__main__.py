@@ -1,48 +1,118 @@
-"""Train an aff-jax model: ``python -m train --config configs/NAME.py --workdir DIR``.
+"""Train an aff-jax model: ``python -m train --config configs/NAME.py[:ARG] --workdir DIR``.
 
-Override any config key with ``--config.KEY=VALUE``. Running the same command on the same
-workdir resumes from its newest complete checkpoint. Exit status: 0 when training finished,
-1 with a one-line reason for a bad config or dataset, 143 when SIGTERM stopped the run after
-saving a checkpoint.
+Override any config key with ``--config.KEY=VALUE`` (``model_overrides.NAME`` may be new).
+Running the same command on the same workdir resumes from its newest complete checkpoint.
+Exit status: 0 when training finished; 1 with a one-line reason (config, dataset, workdir,
+disk, weights, peers); 3 when the loss or gradients became non-finite (nothing non-finite is
+checkpointed); 143 (SIGTERM, preemption) or 130 (SIGINT) when a signal stopped the run after
+saving a checkpoint. ``--verbose`` shows the traceback behind a one-line error.
 """
+import logging as std_logging
+import os
 import sys
 
-import jax
 from absl import app, flags, logging
-from ml_collections import config_flags
 
-from aff_jax.training import loop
-from aff_jax.training.errors import ConfigError
+from aff_jax.training import distributed, loop
+from aff_jax.training.config import apply_overrides, load_config
+from aff_jax.training.errors import ConfigError, RunError
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'training config file, configs/NAME.py')
+_CONFIG = flags.DEFINE_string('config', None, 'training config file, configs/NAME.py, or '
+                              'configs/NAME.py:ARG for get_config(ARG)')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'where checkpoints, metrics.jsonl, TensorBoard '
                                'event files and curves.png go; resumed from if it has a checkpoint')
-_DISTRIBUTED = flags.DEFINE_bool('distributed', False, 'multi-process job: call '
-                                 'jax.distributed.initialize() (auto-detected on TPU pods and '
-                                 'SLURM; elsewhere give the three flags below)')
-_COORDINATOR = flags.DEFINE_string('coordinator_address', None, 'host:port of process 0')
+_DISTRIBUTED = flags.DEFINE_bool('distributed', False, 'multi-process job: join it with '
+                                 'jax.distributed (auto-detected on TPU pods and SLURM; elsewhere '
+                                 'give the three flags below)')
+_COORDINATOR = flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 (the '
+                                   'next port is used too, to name peers that never join)')
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'number of processes in the job')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'index of this process')
+_VERBOSE = flags.DEFINE_bool('verbose', False, 'show the traceback behind a one-line error')
 flags.mark_flags_as_required(['config', 'workdir'])
 
+OVERRIDE_PREFIX = '--config.'
 
-def main(argv):
+
+def split_overrides(argv: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
+    """``argv`` without its ``--config.KEY=VALUE`` arguments, and those as ``(KEY, VALUE)``.
+
+    They are applied by ``config.apply_overrides`` rather than by absl, whose errors for an
+    unknown key run to dozens of lines and which cannot add ``model_overrides`` keys.
+    """
+    rest, overrides = [], []
+    for arg in argv:
+        if not arg.startswith(OVERRIDE_PREFIX):
+            rest.append(arg)
+            continue
+        key, equals, value = arg[len(OVERRIDE_PREFIX):].partition('=')
+        overrides.append((key, value if equals else None))
+    return rest, overrides
+
+
+def _load(path: str, overrides: list[tuple[str, str]]):
+    file, colon, arg = path.partition('.py:')
+    file = file + '.py' if colon else path
+    try:
+        config = load_config(file, *([arg] if colon else []))
+    except FileNotFoundError as e:
+        raise ConfigError(f'--config: {e}') from e
+    for key, value in overrides:
+        if value is None:
+            raise ConfigError(f'--config.{key} needs a value: --config.{key}=VALUE')
+    apply_overrides(config, overrides)
+    return config
+
+
+class _BackgroundErrors(std_logging.Filter):
+    """Drops the errors Orbax's writer threads (and their asyncio tasks) log with tracebacks:
+    the same failure reaches the main thread, which reports it in one line."""
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        background = record.name == 'asyncio' or f'{os.sep}orbax{os.sep}' in record.pathname
+        return not (background and record.levelno >= std_logging.ERROR)
+
+
+def _quiet_closed_loop(unraisablehook):
+    """TensorStore callbacks of an aborted Orbax save that arrive after its event loop closed
+    print a traceback each; the failure itself is reported in one line."""
+    def hook(unraisable):
+        value = unraisable.exc_value
+        if not (isinstance(value, RuntimeError) and str(value) == 'Event loop is closed'):
+            unraisablehook(unraisable)
+    return hook
+
+
+def main(argv, overrides):
     if len(argv) > 1:
         raise app.UsageError(f'unexpected arguments: {argv[1:]}')
     if not flags.FLAGS['verbosity'].present:
         # Orbax logs every save step at INFO; the progress bar is what a user wants to see.
         logging.set_verbosity(logging.WARNING)
-    if _DISTRIBUTED.value:
-        # CPU devices of different processes talk through gloo; TPU and GPU ignore this.
-        jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-        jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    if not _VERBOSE.value:
+        logging.get_absl_handler().addFilter(_BackgroundErrors())
+        sys.unraisablehook = _quiet_closed_loop(sys.unraisablehook)
     try:
-        result = loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-    except ConfigError as e:
+        config = _load(_CONFIG.value, overrides)
+        if _DISTRIBUTED.value:
+            loop.check_config(config)
+            distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                                   config.distributed_timeout_s)
+        result = loop.train_and_evaluate(config, _WORKDIR.value)
+    except RunError as e:
+        if _VERBOSE.value:
+            raise
         print(f'error: {" ".join(str(e).split())}', file=sys.stderr)
-        return 1
-    return 143 if result.preempted else 0
+        return e.exit_code
+    except KeyboardInterrupt:
+        if _VERBOSE.value:
+            raise
+        print('error: interrupted (SIGINT); run the same command to resume from the newest '
+              'checkpoint', file=sys.stderr)
+        return 130
+    return result.exit_code
 
 
 if __name__ == '__main__':
-    app.run(main)
+    args, config_overrides = split_overrides(sys.argv)
+    app.run(lambda argv: main(argv, config_overrides), argv=args)

@@ -1,33 +1,39 @@
-"""Orbax checkpoints of the train state, the data iterator position and the config.
+"""Orbax checkpoints of the train state and the config.
 
-A checkpoint is a Composite of three items: ``state`` (the TrainState, ``StandardSave``),
-``data`` (the grain iterator state, one file per process) and ``config`` (JSON). Saves are
-asynchronous: ``save`` returns once the arrays are copied off the devices, and the files are
-written in the background. Orbax writes into a temporary directory and renames it when
-complete, so ``latest_step`` only ever sees finished checkpoints.
+A checkpoint is a Composite of two items: ``state`` (the TrainState, ``StandardSave``) and
+``config`` (JSON). The data position needs no item of its own: the training stream is global,
+so the state's step is the index of the next batch (``pipeline.make_dataset(start_batch=...)``),
+whatever the number of workers or processes. Saves are asynchronous: ``save`` returns once the
+arrays are copied off the devices, and the files are written in the background. Orbax writes
+into a temporary directory and renames it when complete, so ``steps`` only ever lists finished
+checkpoints. A checkpoint that fails to restore is moved aside (``move_aside``), never deleted.
 """
 from __future__ import annotations
 
+import contextlib
 import pathlib
-import signal
+import shutil
 from typing import Any
 
-import grain
 import jax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as policies
 
 from aff_jax.training.errors import ConfigError
 from aff_jax.training.state import TrainState
+
+CORRUPT_PREFIX = 'corrupt-'
 
 
 class Checkpointer:
     """Save every ``every_steps`` steps, keep the newest ``keep``, save on preemption.
 
     Preemption: a multi-process job relies on JAX's preemption sync point (the coordination
-    service turns SIGTERM into a step all processes agree on). A single-process job never
-    reaches that sync point, so a SIGTERM handler records the signal and the next ``save``
-    call forces a checkpoint.
+    service turns SIGTERM into a step all processes agree on, ``preempted``); a single-process
+    job forces the save itself (``stop_signals``). Use as a context manager: leaving the block
+    waits for a pending save to be complete on disk; after an exception, a save that cannot
+    complete is left as Orbax's temporary directory, which the next run removes.
     """
 
     def __init__(self, directory: pathlib.Path, every_steps: int, keep: int):
@@ -51,35 +57,42 @@ class Checkpointer:
         # Handlers given up front, so a fresh process can read a checkpoint's metadata.
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers={
             'state': ocp.StandardCheckpointHandler(),
-            'data': grain.checkpoint.CheckpointHandler(),
             'config': ocp.JsonCheckpointHandler(),
         })
-        self._sigterm_received = False
-        self._previous_handler = None
-        if jax.process_count() == 1:
-            self._previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
 
-    def _on_sigterm(self, signum, frame):
-        del signum, frame
-        self._sigterm_received = True
+    def __enter__(self) -> Checkpointer:
+        return self
 
-    def latest_step(self) -> int | None:
-        """The newest complete checkpoint's step, or None."""
-        return self.manager.latest_step()
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        if exc_type is None:
+            self.close()
+            return
+        with contextlib.suppress(Exception):  # the exception that ended the run is the one
+            self.close()                       # to report
+        # What is still temporary now is a save that failed (a full disk, ...): remove it, so
+        # that no half-written checkpoint stays behind.
+        if jax.process_index() == 0:
+            for partial in self.directory.glob('*.orbax-checkpoint-tmp*'):
+                shutil.rmtree(partial, ignore_errors=True)
+
+    def steps(self) -> list[int]:
+        """The steps of the complete checkpoints, oldest first."""
+        return list(self.manager.all_steps())
 
     def preempted(self, step: int) -> bool:
-        """Whether the job must save at ``step`` and stop (call on every process, every step)."""
-        return self._sigterm_received or self.manager.reached_preemption(step)
+        """Whether a multi-process job must save at ``step`` and stop (call on every process,
+        every step)."""
+        return self.manager.reached_preemption(step)
 
-    def save(self, step: int, state: TrainState, data_iterator: Any, config: dict,
-             force: bool = False) -> bool:
+    def should_save(self, step: int) -> bool:
+        """Whether ``save(step, ...)`` without ``force`` would save."""
+        return self.manager.should_save(step)
+
+    def save(self, step: int, state: TrainState, config: dict, force: bool = False) -> bool:
         """Start saving if the policy (or ``force``) says so; returns whether it did."""
-        args = ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
-            data=grain.checkpoint.CheckpointSave(data_iterator),
-            config=ocp.args.JsonSave(config),
-        )
-        return self.manager.save(step, args=args, force=force or self._sigterm_received)
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                  config=ocp.args.JsonSave(config))
+        return self.manager.save(step, args=args, force=force)
 
     def saved_config(self, step: int) -> dict:
         """The config checkpoint ``step`` was saved with (JSON: tuples read back as lists)."""
@@ -89,30 +102,42 @@ class Checkpointer:
     def mismatches(self, step: int, target: TrainState) -> list[str]:
         """How the arrays saved at ``step`` differ from ``target`` in names, shapes and dtypes
         (empty when the checkpoint fits). Reads metadata only."""
-        saved = _shapes(self.manager.item_metadata(step)['state'])
+        metadata = self.manager.item_metadata(step)['state']
+        if not metadata:
+            raise ValueError('its state metadata is missing')
+        saved = _shapes(metadata)
         wanted = _shapes(target)
         return [f'{name}: saved {saved.get(name, "nothing")}, this config needs '
                 f'{wanted.get(name, "nothing")}'
                 for name in sorted(saved.keys() | wanted.keys())
                 if saved.get(name) != wanted.get(name)]
 
-    def restore(self, step: int, target: TrainState, data_iterator: Any) -> TrainState:
+    def restore(self, step: int, target: TrainState) -> TrainState:
         """The state of checkpoint ``step`` laid out as ``target`` (ShapeDtypeStructs with the
-        current mesh's shardings, which may differ from the mesh that saved); the iterator is
-        moved to the saved position in place."""
+        current mesh's shardings, which may differ from the mesh that saved)."""
         restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(target),
-            data=grain.checkpoint.CheckpointRestore(data_iterator),
-        ))
+            state=ocp.args.StandardRestore(target)))
         return restored['state']
+
+    def move_aside(self, step: int) -> pathlib.Path:
+        """Move checkpoint ``step`` to ``corrupt-<step>`` (``-2``, ``-3``, ... if taken) in the
+        checkpoint directory, where no run looks for checkpoints; returns the new path."""
+        target = self.directory / f'{CORRUPT_PREFIX}{step}'
+        suffix = 1
+        while target.exists():
+            suffix += 1
+            target = self.directory / f'{CORRUPT_PREFIX}{step}-{suffix}'
+        if jax.process_index() == 0:
+            (self.directory / str(step)).rename(target)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f'aff_jax moved checkpoint {step} aside')
+        self.manager.reload()
+        return target
 
     def close(self) -> None:
         """Wait for pending saves to be complete on disk, then release the manager."""
         self.manager.wait_until_finished()
         self.manager.close()
-        if self._previous_handler is not None:
-            signal.signal(signal.SIGTERM, self._previous_handler)
-            self._previous_handler = None
 
 
 def _shapes(tree: Any) -> dict[str, str]:

@@ -1,16 +1,24 @@
 """Every key a training config has, with its default. Recipes in ``configs/`` start from here.
 
-``python -m train --config configs/NAME.py --config.KEY=VALUE`` overrides any key below; a key
-that is not listed here is rejected by ml_collections.
+``python -m train --config configs/NAME.py --config.KEY=VALUE`` overrides any key below
+(``apply_overrides``); a key that is not listed here is rejected, naming the closest known keys.
+``model_overrides`` is open: ``--config.model_overrides.r=2`` adds a create_model keyword the
+recipe did not set.
 """
 from __future__ import annotations
 
+import ast
+import difflib
 import importlib.util
 import json
 import pathlib
 
 import ml_collections
 from ml_collections import config_dict
+
+from aff_jax.training.errors import ConfigError
+
+OPEN_KEYS = ('model_overrides',)  # sub-dicts that take new keys from the command line
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -35,6 +43,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.data_dir = config_dict.placeholder(str)
     c.image_size = config_dict.placeholder(int)  # None: the dataset's own size
     c.data_workers = 0  # grain worker processes per host
+    # Folder datasets are checked file by file before step 1; True trains without the files
+    # that fail (each is logged) instead of stopping with the list.
+    c.skip_bad_files = False
 
     # Batch sizes are global (all processes together) and split over the mesh 'data' axis.
     c.batch_size = 128
@@ -58,7 +69,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.mixup_alpha = 0.0  # 0 disables mixup
     c.mixup_off_steps = 0  # the last steps train without mixup
 
-    c.seed = 0
+    c.seed = 0  # any int >= 0
     # PRNG for initialisation and mixup. 'rbg' (XLA's RngBitGenerator) compiles the model's
     # initialisation several times faster than 'threefry2x32' on CPU and is faster on TPU;
     # both give the same values on every mesh.
@@ -68,6 +79,13 @@ def base_config() -> ml_collections.ConfigDict:
     # (logical axis name, mesh axis) pairs; unlisted names are replicated. E.g.
     # (('conv_out', 'model'), ('classes', 'model')) shards conv outputs and the classifier.
     c.logical_axis_rules = ()
+
+    # A step whose loss or gradients are not finite stops the run (exit status 3, nothing
+    # non-finite checkpointed); True skips such updates instead and logs their count.
+    c.skip_nonfinite_updates = False
+    # Multi-process jobs: how long a process waits for the others to join before it names the
+    # missing ones and exits.
+    c.distributed_timeout_s = 120
 
     c.checkpoint_every_steps = 1000
     c.keep_checkpoints = 3
@@ -88,6 +106,64 @@ def load_config(path: str | pathlib.Path, *args: str) -> ml_collections.ConfigDi
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.get_config(*args)
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: list[tuple[str, str]]) -> None:
+    """Set ``config[KEY] = VALUE`` for each ``(KEY, VALUE text)`` of ``--config.KEY=VALUE``.
+
+    VALUE is read as a Python literal (``2``, ``0.1``, ``(8, 8, 16, 32)``, ``None``, ``True``)
+    and must fit the key's type (an int for a float key is fine); for a string key the text is
+    taken as is. Raises ConfigError naming the key: unknown keys (with the closest known ones),
+    values of the wrong type. Keys under ``OPEN_KEYS`` may be new; their values are literals, or
+    strings where the text is not one.
+    """
+    for key, text in overrides:
+        *parents, leaf = key.split('.')
+        node = config
+        for part in parents:
+            if part not in node or not isinstance(node[part], ml_collections.ConfigDict):
+                _unknown_key(config, key)
+            node = node[part]
+        is_open = bool(parents) and parents[-1] in OPEN_KEYS
+        if leaf not in node and not is_open:
+            _unknown_key(config, key)
+        if leaf in node and isinstance(node[leaf], ml_collections.ConfigDict):
+            raise ConfigError(f'config.{key} is a group of keys; set config.{key}.NAME=VALUE')
+        wanted = node.get_ref(leaf).get_type() if leaf in node else None
+        value = _parse_value(key, text, wanted)
+        try:
+            node[leaf] = value
+        except TypeError as e:
+            raise ConfigError(f'config.{key} must be of type {wanted.__name__}, got {text!r}') from e
+
+
+def _parse_value(key: str, text: str, wanted: type | None):
+    if wanted is str:
+        return None if text == 'None' else text
+    if wanted is bool and text.lower() in ('true', 'false'):
+        return text.lower() == 'true'
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError) as e:
+        if wanted is None:
+            return text
+        raise ConfigError(f'config.{key} must be of type {wanted.__name__}, got {text!r}') from e
+
+
+def _unknown_key(config: ml_collections.ConfigDict, key: str):
+    known = list(_flat_keys(config))
+    close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
+    hint = f'; did you mean {" or ".join(close)}?' if close else '; see aff_jax/training/config.py'
+    raise ConfigError(f'config.{key}: unknown config key{hint}')
+
+
+def _flat_keys(config: ml_collections.ConfigDict, prefix: str = ''):
+    for name in config.keys():
+        value = config[name]
+        if isinstance(value, ml_collections.ConfigDict) and len(value):
+            yield from _flat_keys(value, f'{prefix}{name}.')
+        else:
+            yield f'{prefix}{name}'
 
 
 def changed_keys(saved: dict, current: ml_collections.ConfigDict) -> list[str]:

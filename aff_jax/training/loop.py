@@ -1,14 +1,23 @@
 """The training loop: set up (or resume) a run, train, evaluate, checkpoint, report.
 
 ``train_and_evaluate(config, workdir)`` is what ``python -m train`` runs. Every problem with
-the config or the dataset is raised as ``ConfigError`` before any compilation. The task
-(classification or segmentation, ``tasks``) follows from the model and the dataset, which must
-agree; the loop is the same for both.
+the config, the dataset or the workdir is raised as a one-line ``RunError`` before any
+compilation; divergence as ``Diverged``. The task (classification or segmentation, ``tasks``)
+follows from the model and the dataset, which must agree; the loop is the same for both.
+
+One ``ExitStack`` owns the run's resources (workdir lock, signal handlers, checkpointer, data
+iterators, metrics writer): whichever way the run ends, a pending checkpoint is completed (or
+left for the next run to discard), grain workers stop, the handlers and the lock are released.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
+import os
 import pathlib
+import re
+import sys
 from typing import Any, Iterator
 
 import jax
@@ -25,25 +34,33 @@ from aff_jax.training import state as state_lib
 from aff_jax.training import steps, summary, tasks
 from aff_jax.training.checkpoint import Checkpointer
 from aff_jax.training.config import changed_keys
-from aff_jax.training.errors import ConfigError
+from aff_jax.training.errors import ConfigError, Diverged, RunError
 from aff_jax.training.metrics import METRICS_FILE, MetricsWriter, ProgressBar, read_metrics
 from aff_jax.training.plot import CURVES_FILE, PREDICTIONS_FILE, plot_curves, plot_predictions
+from aff_jax.training.stop_signals import StopSignals
+from aff_jax.training.workdir_lock import WorkdirLock
 
 CHECKPOINT_DIR = 'checkpoints'
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 RNG_IMPLS = ('rbg', 'unsafe_rbg', 'threefry2x32')
 POSITIVE_INT_KEYS = ('batch_size', 'eval_batch_size', 'num_train_steps', 'log_every_steps',
-                     'eval_every_steps', 'checkpoint_every_steps', 'keep_checkpoints')
+                     'eval_every_steps', 'checkpoint_every_steps', 'keep_checkpoints',
+                     'distributed_timeout_s')
 
 
 @dataclasses.dataclass(frozen=True)
 class RunResult:
     """How a run ended: the step reached, the final held-out metrics (``eval/loss``,
     ``eval/count`` and ``eval/accuracy``, or ``eval/miou``, ``eval/pixel_accuracy`` and
-    ``eval/iou/<class>``), or ``preempted`` when a SIGTERM stopped it first."""
+    ``eval/iou/<class>``), or None when a signal stopped it first (after a checkpoint);
+    ``exit_code``: 0, or 128 + the signal's number (143 SIGTERM or preemption, 130 SIGINT)."""
     step: int
     eval_metrics: dict[str, float] | None
-    preempted: bool
+    exit_code: int = 0
+
+    @property
+    def preempted(self) -> bool:
+        return self.exit_code != 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +82,12 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         value = config[key]
         if not isinstance(value, int) or value < 1:
             raise ConfigError(f'config.{key} must be a positive int, got {value!r}')
+    if not isinstance(config.seed, int) or config.seed < 0:
+        raise ConfigError(f'config.seed must be an int >= 0, got {config.seed!r}')
+    if config.batch_size < 2:
+        raise ConfigError(f'config.batch_size={config.batch_size}: BatchNorm in training needs '
+                          f'at least 2 examples per batch (a single one normalises every '
+                          f'channel of the global contexts to its bias)')
     if config.model not in aff_jax.list_models():
         raise ConfigError(f'config.model: unknown model {config.model!r}; known: '
                           f'{", ".join(aff_jax.list_models())}')
@@ -95,7 +118,8 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
     rules = mesh_lib.check_rules(config.logical_axis_rules)
     try:
         info = pipeline.get_info(config.dataset, data_dir=config.data_dir,
-                                 num_classes=config.num_classes)
+                                 num_classes=config.num_classes,
+                                 skip_bad_files=config.skip_bad_files)
     except ValueError as e:
         raise ConfigError(f'config.dataset: {e}') from e
     if info.task != _task_name(config.model):
@@ -124,14 +148,17 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
                       task)
 
 
-def _iterator(exp: Experiment, split: str, global_batch: int, train: bool) -> Iterator:
+def _dataset(exp: Experiment, split: str, global_batch: int, train: bool,
+             start_batch: int = 0):
+    """This process's share of ``split`` (a re-iterable grain dataset)."""
     index, count = mesh_lib.process_batch_split(mesh_lib.batch_sharding(exp.mesh), global_batch)
     try:
-        return pipeline.make_iterator(
+        return pipeline.make_dataset(
             exp.config.dataset, split, batch_size=global_batch // count, seed=exp.config.seed,
             train=train, data_dir=exp.config.data_dir, image_size=exp.config.image_size,
             process_index=index, process_count=count, worker_count=exp.config.data_workers,
-            num_classes=exp.config.num_classes)
+            num_classes=exp.config.num_classes, start_batch=start_batch,
+            skip_bad_files=exp.config.skip_bad_files)
     except ValueError as e:
         raise ConfigError(f'config.dataset={exp.config.dataset!r}: {e}') from e
 
@@ -143,16 +170,16 @@ def _to_global(batch: dict[str, np.ndarray], sharding: jax.sharding.NamedShardin
         sharding, value, (global_batch, *value.shape[1:])) for key, value in batch.items()}
 
 
-def evaluate(exp: Experiment, eval_step, state: state_lib.TrainState) -> dict[str, float]:
-    """One pass over the held-out split: the task's scores (``tasks``), from sums accumulated
-    on device and read once."""
+def evaluate(exp: Experiment, eval_step, state: state_lib.TrainState, eval_data
+             ) -> dict[str, float]:
+    """One pass over the held-out split (``eval_data``, from ``_dataset``): the task's scores
+    (``tasks``), from sums accumulated on device and read once."""
     sharding = mesh_lib.batch_sharding(exp.mesh)
     totals = None
-    iterator = _iterator(exp, 'test', exp.config.eval_batch_size, train=False)
-    for batch in iterator:
-        sums = eval_step(state, _to_global(batch, sharding, exp.config.eval_batch_size))
-        totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-    iterator.close()
+    with contextlib.closing(iter(eval_data)) as batches:
+        for batch in batches:
+            sums = eval_step(state, _to_global(batch, sharding, exp.config.eval_batch_size))
+            totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
     return exp.task.scores(jax.device_get(totals))
 
 
@@ -160,106 +187,215 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     """Train ``config`` in ``workdir``, resuming from its newest complete checkpoint if any.
 
     Writes ``workdir/checkpoints``, ``metrics.jsonl``, ``tensorboard/`` and ``curves.png``;
-    prints the model summary first and the final held-out accuracy last (process 0).
+    prints the model summary first and the final held-out accuracy last (process 0). Raises
+    RunError (one line: config, dataset, workdir, full disk) or Diverged.
     """
-    exp = build_experiment(config)
-    workdir = pathlib.Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+    check_config(config)
+    workdir = _open_workdir(pathlib.Path(workdir))
+    try:
+        return _run(config, workdir)
+    except Exception as e:
+        full = _no_space(e)
+        if full is None:
+            raise
+        checkpoints = workdir / CHECKPOINT_DIR
+        target = str(full.filename or workdir)
+        saving = re.search(rf'{re.escape(str(checkpoints))}/(\d+)\.orbax-checkpoint-tmp', target)
+        if saving:
+            target = f'the checkpoint of step {saving.group(1)} (not kept)'
+        raise RunError(
+            f'no space left on device writing {target}; {_newest_checkpoint(checkpoints)}; free '
+            f'some space and run the same command to resume') from e
+
+
+def _open_workdir(workdir: pathlib.Path) -> pathlib.Path:
+    """``workdir``, created if need be; RunError if it cannot be written."""
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        probe = workdir / f'.write-test-{os.getpid()}'
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise RunError(f'--workdir {workdir} is not writable: {e.strerror or e}') from e
+    return workdir.absolute()
+
+
+def _no_space(error: BaseException) -> OSError | None:
+    """The ``ENOSPC`` error behind ``error`` (itself, its causes and contexts) as an OSError
+    naming the file it was writing where any of them says. Orbax's background writes report it
+    as TensorStore text (``... Failed writing: "PATH": ... No space left on device``)."""
+    full, filename, seen = False, None, set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        text = str(error)
+        if (isinstance(error, OSError) and error.errno == errno.ENOSPC
+                or os.strerror(errno.ENOSPC) in text):
+            full = True
+            paths = re.findall(r'"(/[^"]+)"', text)
+            filename = filename or getattr(error, 'filename', None) or (paths[-1] if paths
+                                                                          else None)
+        error = error.__cause__ or error.__context__
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), filename) if full else None
+
+
+def _newest_checkpoint(directory: pathlib.Path) -> str:
+    steps = sorted(int(p.name) for p in directory.glob('*') if p.name.isdigit())
+    if not steps:
+        return 'no checkpoint was completed'
+    return f'the newest intact checkpoint is step {steps[-1]} in {directory}'
+
+
+def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> RunResult:
     is_main = jax.process_index() == 0
     tx = optimizer_lib.make_optimizer(config)
     init_rng, step_rng = jax.random.split(jax.random.key(config.seed, impl=config.rng_impl))
-    with jax.set_mesh(exp.mesh):
-        init_fn, abstract_state, shardings = state_lib.state_layout(
-            exp.model, tx, (1, *exp.input_shape), exp.mesh, exp.rules)
-        checkpointer = Checkpointer(workdir / CHECKPOINT_DIR, config.checkpoint_every_steps,
-                                    config.keep_checkpoints)
-        train_iter = _iterator(exp, 'train', config.batch_size, train=True)
-        latest = checkpointer.latest_step()
-        changes = []
-        if latest is None:
-            state = state_lib.create_state(init_fn, shardings, init_rng)
-            if config.init_from:
-                state = pretrained.apply_pretrained(state, config.init_from, config.init_skip,
-                                                    shardings, *_pretrained_target(exp.model))
-        else:
-            changes = changed_keys(checkpointer.saved_config(latest), config)
-            state = _restore(checkpointer, latest, abstract_state, shardings, train_iter, changes)
+    with contextlib.ExitStack() as resources:
+        if is_main:
+            lock = resources.enter_context(WorkdirLock(workdir))
+            if lock.taken_over:
+                held = lock.taken_over
+                print(f'taking over the workdir lock of a run that is gone (host '
+                      f'{held.get("host")}, PID {held.get("pid")}, started {held.get("started")})',
+                      file=sys.stderr)
+        exp = build_experiment(config)
+        signals = resources.enter_context(StopSignals())
+        resources.enter_context(jax.set_mesh(exp.mesh))
+        layout = state_lib.state_layout(exp.model, tx, (1, *exp.input_shape), exp.mesh,
+                                        exp.rules)
+        _, abstract_state, shardings = layout
+        checkpointer = resources.enter_context(Checkpointer(
+            workdir / CHECKPOINT_DIR, config.checkpoint_every_steps, config.keep_checkpoints))
+        state, changes = _initial_state(exp, checkpointer, layout, init_rng)
         start = int(state.step)
         if is_main:
             _print_start(exp, abstract_state, start, changes)
+        train_iter = resources.enter_context(contextlib.closing(iter(
+            _dataset(exp, 'train', config.batch_size, train=True, start_batch=start))))
+        eval_data = _dataset(exp, 'test', config.eval_batch_size, train=False)
         batch_sharding = mesh_lib.batch_sharding(exp.mesh)
         train_step = steps.make_train_step(
             exp.model, tx, optimizer_lib.make_schedule(config), config, exp.task,
             step_rng, shardings, batch_sharding)
         eval_step = steps.make_eval_step(exp.model, exp.task.eval_sums, shardings,
                                          batch_sharding)
-        writer = MetricsWriter(workdir, start, enabled=is_main)
-        state, preempted = _train(exp, state, train_iter, train_step, eval_step, checkpointer,
-                                  writer)
+        writer = resources.enter_context(contextlib.closing(
+            MetricsWriter(workdir, start, enabled=is_main)))
+        state, exit_code = _train(exp, state, train_iter, train_step, eval_step, eval_data,
+                                  checkpointer, writer, signals)
         final = None
-        if not preempted:
-            final = evaluate(exp, eval_step, state)
+        if not exit_code:
+            final = evaluate(exp, eval_step, state, eval_data)
             if start < config.num_train_steps:
                 writer.write(config.num_train_steps, _eval_row(final))
             if exp.task.name == 'segmentation':
-                _write_predictions(exp, state, shardings, workdir / PREDICTIONS_FILE, is_main)
-        checkpointer.close()
-        writer.close()
-        train_iter.close()
+                _write_predictions(exp, state, shardings, eval_data, workdir / PREDICTIONS_FILE,
+                                   is_main)
     step = int(state.step)
     if is_main:
-        _print_end(exp, workdir, step, final)
-    return RunResult(step, final, preempted)
+        _print_end(exp, workdir, step, final, exit_code)
+    return RunResult(step, final, exit_code)
 
 
-def _restore(checkpointer: Checkpointer, step: int, abstract_state: state_lib.TrainState,
-             shardings: state_lib.TrainState, train_iter: Iterator,
-             changes: list[str]) -> state_lib.TrainState:
-    """The checkpointed state on the current mesh; the iterator moves to the saved position
-    too, so the data order continues exactly. A checkpoint of another model is a ConfigError."""
-    mismatches = checkpointer.mismatches(step, abstract_state)
-    if mismatches:
+def _initial_state(exp: Experiment, checkpointer: Checkpointer, layout,
+                   rng: jax.Array) -> tuple[state_lib.TrainState, list[str]]:
+    """The state to start from and how the config differs from the checkpoint's.
+
+    The newest checkpoint that restores, on the current mesh; one that fails (damaged files,
+    missing metadata) is reported in one line and moved aside, and the next older one is
+    tried. A checkpoint of another model is a ConfigError. Without a checkpoint: a fresh
+    state (with ``init_from`` weights).
+    """
+    init_fn, abstract_state, shardings = layout
+    target = state_lib.with_shardings(abstract_state, shardings)
+    for step in reversed(checkpointer.steps()):
+        try:
+            changes = changed_keys(checkpointer.saved_config(step), exp.config)
+            mismatches = checkpointer.mismatches(step, abstract_state)
+            if not mismatches:
+                return checkpointer.restore(step, target), changes
+        except Exception as e:  # noqa: BLE001 - whatever is damaged, the older one may be fine
+            moved = checkpointer.move_aside(step)
+            if jax.process_index() == 0:
+                print(f'the checkpoint at step {step} cannot be restored '
+                      f'({_short_reason(e)}); moved it to {moved}', file=sys.stderr)
+            continue
         shown = '; '.join(mismatches[:3]) + (f' (and {len(mismatches) - 3} more)'
                                              if len(mismatches) > 3 else '')
         raise ConfigError(
             f'cannot resume from the checkpoint at step {step} in {checkpointer.directory}, it '
             f'holds another model: {shown}. The config differs from the checkpoint\'s in: '
-            f'{"; ".join(changes) or "nothing"}. Use a new --workdir for a new run')
-    return checkpointer.restore(step, state_lib.with_shardings(abstract_state, shardings),
-                                train_iter)
+            f'{"; ".join(changes) or "nothing (another version of aff-jax wrote it)"}. Use a '
+            f'new --workdir for a new run')
+    state = state_lib.create_state(init_fn, shardings, rng)
+    if exp.config.init_from:
+        state = pretrained.apply_pretrained(state, exp.config.init_from, exp.config.init_skip,
+                                            shardings, *_pretrained_target(exp.model))
+    return state, []
+
+
+def _short_reason(error: Exception, limit: int = 200) -> str:
+    text = ' '.join(str(error).split()) or type(error).__name__
+    return text if len(text) <= limit else text[:limit] + '...'
+
+
+def _check_finite(state: state_lib.TrainState, step: int, checkpointer: Checkpointer,
+                  config: ml_collections.ConfigDict) -> None:
+    """Raise Diverged if a non-finite update was applied up to ``step``. One scalar read, at
+    steps that wait for the device anyway (log, evaluation, checkpoint)."""
+    bad = int(state.nonfinite_step)
+    if not bad:
+        return
+    checkpointer.manager.wait_until_finished()
+    saved = checkpointer.steps()
+    newest = f'the newest checkpoint is step {saved[-1]}' if saved else 'no checkpoint was written'
+    raise Diverged(
+        f'the loss or the gradients became non-finite at step {bad} (learning_rate '
+        f'{config.learning_rate}); stopped at step {step} without checkpointing it, {newest}. '
+        f'Lower config.learning_rate, or set config.skip_nonfinite_updates=True to skip such '
+        f'updates')
 
 
 def _train(exp: Experiment, state: state_lib.TrainState, train_iter: Iterator, train_step,
-           eval_step, checkpointer: Checkpointer, writer: MetricsWriter
-           ) -> tuple[state_lib.TrainState, bool]:
-    """Steps ``state.step + 1 .. num_train_steps``; returns the state and whether a SIGTERM
-    (or a preemption notice) stopped it early, after a checkpoint of the step it reached."""
+           eval_step, eval_data, checkpointer: Checkpointer, writer: MetricsWriter,
+           signals: StopSignals) -> tuple[state_lib.TrainState, int]:
+    """Steps ``state.step + 1 .. num_train_steps``; returns the state and 0, or the exit code
+    of the signal (or preemption notice) that stopped it early, after a checkpoint of the
+    step it reached. Raises Diverged before logging or checkpointing a non-finite state."""
     config = exp.config
     batch_sharding = mesh_lib.batch_sharding(exp.mesh)
     config_dict = config.to_dict()
-    bar = ProgressBar(config.num_train_steps, int(state.step), enabled=writer.enabled)
-    preempted = False
-    for step in range(int(state.step) + 1, config.num_train_steps + 1):
-        state, metrics = train_step(
-            state, _to_global(next(train_iter), batch_sharding, config.batch_size))
-        bar.advance()
-        # The logged values are those of this one step, so that a run resumed at any step
-        # logs exactly what the uninterrupted run did.
-        if step % config.log_every_steps == 0 or step == config.num_train_steps:
-            values = {name: float(value) for name, value in metrics.items()}
-            writer.write(step, values)
-            bar.show({name: values[name] for name in ('train/loss', 'train/accuracy')})
-        if step % config.eval_every_steps == 0 and step != config.num_train_steps:
-            values = _eval_row(evaluate(exp, eval_step, state))
-            writer.write(step, values)
-            bar.print(f'step {step}: ' + ', '.join(f'{k} {v:.4f}' for k, v in values.items()))
-        preempted = checkpointer.preempted(step)
-        checkpointer.save(step, state, train_iter, config_dict,
-                          force=step == config.num_train_steps)
-        if preempted:
-            break
-    bar.close()
-    return state, preempted
+    exit_code = 0
+    with contextlib.closing(ProgressBar(config.num_train_steps, int(state.step),
+                                        enabled=writer.enabled)) as bar:
+        for step in range(int(state.step) + 1, config.num_train_steps + 1):
+            state, metrics = train_step(
+                state, _to_global(next(train_iter), batch_sharding, config.batch_size))
+            bar.advance()
+            if checkpointer.preempted(step):
+                exit_code = 143
+            elif signals.received:
+                exit_code = signals.exit_code
+            last = step == config.num_train_steps
+            log = step % config.log_every_steps == 0 or last
+            evaluate_now = step % config.eval_every_steps == 0 and not last
+            save = bool(exit_code) or last or checkpointer.should_save(step)
+            if log or evaluate_now or save:
+                _check_finite(state, step, checkpointer, config)
+            # The logged values are those of this one step, so that a run resumed at any step
+            # logs exactly what the uninterrupted run did.
+            if log:
+                values = {name: float(value) for name, value in metrics.items()}
+                writer.write(step, values)
+                bar.show({name: values[name] for name in ('train/loss', 'train/accuracy')})
+            if evaluate_now:
+                values = _eval_row(evaluate(exp, eval_step, state, eval_data))
+                writer.write(step, values)
+                bar.print(f'step {step}: ' + ', '.join(f'{k} {v:.4f}' for k, v in values.items()))
+            if save:
+                checkpointer.save(step, state, config_dict, force=True)
+            if exit_code:
+                break
+    return state, exit_code
 
 
 def _eval_row(values: dict[str, float]) -> dict[str, float]:
@@ -274,16 +410,15 @@ def _pretrained_target(model: Any) -> tuple[tuple[str, ...], tuple[str, ...]]:
     return (), ()
 
 
-def _write_predictions(exp: Experiment, state: state_lib.TrainState, shardings,
+def _write_predictions(exp: Experiment, state: state_lib.TrainState, shardings, eval_data,
                        path: pathlib.Path, is_main: bool, count: int = 6) -> None:
     """``predictions.png``: the first ``count`` test images, their true and predicted masks.
     Every process runs the prediction (its devices hold part of the batch); process 0 draws."""
     sharding = mesh_lib.batch_sharding(exp.mesh)
     predict = steps.make_eval_step(
         exp.model, lambda logits, _: jnp.argmax(logits, -1).astype(jnp.int32), shardings, sharding)
-    iterator = _iterator(exp, 'test', exp.config.eval_batch_size, train=False)
-    batch = next(iterator)
-    iterator.close()
+    with contextlib.closing(iter(eval_data)) as batches:
+        batch = next(batches)
     images = _to_global({'image': batch['image']}, sharding, exp.config.eval_batch_size)
     predicted = np.asarray(predict(state, images))
     if is_main:
@@ -311,12 +446,14 @@ def _print_start(exp: Experiment, abstract_state: state_lib.TrainState, start: i
               'as it would have: ' + '; '.join(changes))
 
 
-def _print_end(exp: Experiment, workdir: pathlib.Path, step: int, final: dict | None) -> None:
+def _print_end(exp: Experiment, workdir: pathlib.Path, step: int, final: dict | None,
+               exit_code: int) -> None:
     rows = read_metrics(workdir / METRICS_FILE)
     if rows:
         plot_curves(rows, workdir / CURVES_FILE, f'{exp.config.model} on {exp.config.dataset}')
     if final is None:
-        print(f'stopped by SIGTERM after saving the checkpoint at step {step}; run the same '
-              f'command to resume')
+        signal_name = 'SIGINT' if exit_code == 130 else 'SIGTERM'
+        print(f'stopped by {signal_name} after saving the checkpoint at step {step}; run the '
+              f'same command to resume')
         return
     print(exp.task.describe(step, final))

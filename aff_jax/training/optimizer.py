@@ -21,6 +21,8 @@ SCHEDULES = ('cosine', 'step', 'constant')
 
 def peak_learning_rate(config: ml_collections.ConfigDict) -> float:
     """``learning_rate``, scaled by ``batch_size / lr_base_batch_size`` when that is set."""
+    if not config.learning_rate > 0:
+        raise ConfigError(f'config.learning_rate must be > 0, got {config.learning_rate!r}')
     if config.lr_base_batch_size is None:
         return config.learning_rate
     if config.lr_base_batch_size < 1:

@@ -17,13 +17,19 @@ from aff_jax.training import mesh as mesh_lib
 class TrainState:
     """Everything a training step changes; all leaves are arrays, so Orbax saves it as is.
 
-    ``step``: int32 scalar, the number of updates applied. ``params``: the model parameters
+    ``step``: int32 scalar, the number of train steps taken. ``params``: the model parameters
     (unboxed, float32). ``batch_stats``: BatchNorm running statistics. ``opt_state``: optax state.
+    ``nonfinite_step``: int32 scalar, the first step whose loss or gradients were not finite
+    and whose update was applied (0: none), the divergence flag the host reads at log and
+    checkpoint time. ``skipped_updates``: int32 scalar, the steps whose non-finite update was
+    skipped (``config.skip_nonfinite_updates``).
     """
     step: jax.Array
     params: Any
     batch_stats: Any
     opt_state: Any
+    nonfinite_step: jax.Array
+    skipped_updates: jax.Array
 
 
 def state_layout(model: nn.Module, tx: optax.GradientTransformation, input_shape: tuple[int, ...],
@@ -42,7 +48,9 @@ def state_layout(model: nn.Module, tx: optax.GradientTransformation, input_shape
         variables = nn.meta.unbox(init_variables(rng))
         params = variables['params']
         return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                          batch_stats=variables.get('batch_stats', {}), opt_state=tx.init(params))
+                          batch_stats=variables.get('batch_stats', {}), opt_state=tx.init(params),
+                          nonfinite_step=jnp.zeros((), jnp.int32),
+                          skipped_updates=jnp.zeros((), jnp.int32))
 
     boxed = jax.eval_shape(init_variables, jax.random.key(0))
     abstract_state = jax.eval_shape(init_fn, jax.random.key(0))
@@ -54,7 +62,9 @@ def state_layout(model: nn.Module, tx: optax.GradientTransformation, input_shape
         batch_stats=jax.tree.map(lambda _: replicated, abstract_state.batch_stats),
         opt_state=optax.tree_map_params(tx, lambda _, sharding: sharding,
                                         abstract_state.opt_state, params_sharding,
-                                        transform_non_params=lambda _: replicated))
+                                        transform_non_params=lambda _: replicated),
+        nonfinite_step=replicated,
+        skipped_updates=replicated)
     return init_fn, abstract_state, shardings
 
 

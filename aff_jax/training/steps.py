@@ -61,7 +61,13 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
     Mixup (``mixup_alpha > 0``) draws one ``lam ~ Beta(alpha, alpha)`` per step and is off for
     the last ``mixup_off_steps`` steps. ``train/accuracy`` compares the argmax with the
     unmixed labels. Metrics are float32 scalars: ``train/loss``, ``train/accuracy``,
-    ``train/learning_rate``.
+    ``train/learning_rate`` (and ``train/skipped_updates`` with ``skip_nonfinite_updates``).
+
+    Divergence is tracked on device, without a host sync: a step whose loss or gradients are
+    not all finite sets ``state.nonfinite_step`` (the first such step) or, with
+    ``config.skip_nonfinite_updates``, leaves params, BatchNorm statistics and optimizer state
+    as they were (so the schedule then counts applied updates) and counts the step in
+    ``state.skipped_updates``.
     """
     check_regularisation(config, task.name)
     mixup_until = config.num_train_steps - config.mixup_off_steps
@@ -85,14 +91,29 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
         (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        new_state = TrainState(step=state.step + 1,
-                               params=optax.apply_updates(state.params, updates),
-                               batch_stats=batch_stats, opt_state=opt_state)
+        params = optax.apply_updates(state.params, updates)
+        finite = jnp.isfinite(loss) & jnp.all(jnp.stack(
+            [jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+        step = state.step + 1
+        nonfinite_step, skipped = state.nonfinite_step, state.skipped_updates
+        if config.skip_nonfinite_updates:
+            params, batch_stats, opt_state = jax.tree.map(
+                lambda new, old: jnp.where(finite, new, old),
+                (params, batch_stats, opt_state),
+                (state.params, state.batch_stats, state.opt_state))
+            skipped = skipped + (~finite).astype(jnp.int32)
+        else:
+            nonfinite_step = jnp.where((nonfinite_step == 0) & ~finite, step, nonfinite_step)
+        new_state = TrainState(step=step, params=params, batch_stats=batch_stats,
+                               opt_state=opt_state, nonfinite_step=nonfinite_step,
+                               skipped_updates=skipped)
         metrics = {
             'train/loss': loss,
             'train/accuracy': task.accuracy(logits, labels),
             'train/learning_rate': jnp.asarray(schedule(state.step), jnp.float32),
         }
+        if config.skip_nonfinite_updates:
+            metrics['train/skipped_updates'] = skipped.astype(jnp.float32)
         return new_state, metrics
 
     replicated = NamedSharding(batch_sharding.mesh, jax.sharding.PartitionSpec())

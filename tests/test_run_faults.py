@@ -1,0 +1,159 @@
+"""Runs that meet faults and careless use through the command line: divergence, a second run
+on a live workdir, Ctrl-C, a full disk, a read-only workdir, a peer that never joins. Each test
+asserts the exit status, the one line on stderr and what is on disk afterwards."""
+from __future__ import annotations
+
+import math
+import os
+import pathlib
+import re
+import signal
+import socket
+import subprocess
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import (checkpointed_state, complete_steps, last_logged_step, metric_rows,
+                      run_train, tiny_run_overrides, wait_until)
+
+
+def _one_line(stderr: str) -> str:
+    """The single line a failed run prints (progress-bar redraws aside)."""
+    lines = [line for line in stderr.splitlines() if line.strip() and '%|' not in line]
+    assert len(lines) == 1, stderr[-3000:]
+    assert 'Traceback' not in stderr
+    return lines[0]
+
+
+def _leftovers(workdir: pathlib.Path) -> list[str]:
+    """What a cleanly ended run must not leave: the lock, Orbax's temporary directories."""
+    found = [p.name for p in (workdir / 'checkpoints').glob('*') if 'tmp' in p.name]
+    return found + (['LOCK'] if (workdir / 'LOCK').exists() else [])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def test_divergence_exits_3_naming_the_step_and_keeps_the_newest_finite_checkpoint(
+        tmp_path, image_folder, train_env):
+    """The learning rate jumps x1e12 at step 25: the loss blows up after the checkpoint of
+    step 20. Rotation keeps one checkpoint, and it is still step 20's, finite."""
+    workdir = tmp_path / 'run'
+    process = run_train(workdir, [
+        *tiny_run_overrides(f'imagefolder:{image_folder}'), '--config.schedule=step',
+        '--config.lr_decay_boundaries=(25,)', '--config.lr_decay_factor=1e12',
+        '--config.checkpoint_every_steps=10', '--config.keep_checkpoints=1'], train_env)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 3, stderr[-3000:]
+    line = _one_line(stderr)
+    match = re.match(r'error: the loss or the gradients became non-finite at step (\d+) .*'
+                     r'stopped at step (\d+) without checkpointing it, the newest checkpoint is '
+                     r'step 20\.', line)
+    assert match, line
+    first_bad, stopped = map(int, match.groups())
+    assert 26 <= first_bad <= stopped <= 30
+    assert complete_steps(workdir) == [20] and not _leftovers(workdir)
+    state = checkpointed_state(workdir, 20)
+    assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(state))
+    assert int(state['nonfinite_step']) == 0
+    rows = metric_rows(workdir)
+    assert rows[-1]['step'] < first_bad
+    assert all(math.isfinite(v) for row in rows for v in row.values())
+
+
+def test_a_second_run_on_a_live_workdir_fails_at_once_and_ctrl_c_saves(tmp_path, image_folder,
+                                                                       train_env):
+    workdir = tmp_path / 'run'
+    overrides = tiny_run_overrides(f'imagefolder:{image_folder}')
+    first = run_train(workdir, overrides, train_env)
+    wait_until(lambda: last_logged_step(workdir) >= 5, first)
+    # Paused, so that it is still training when the second run has started and failed.
+    first.send_signal(signal.SIGSTOP)
+
+    second = run_train(workdir, overrides, train_env)
+    _, stderr = second.communicate(timeout=120)
+    assert second.returncode == 1
+    line = _one_line(stderr)
+    assert line.startswith(f'error: workdir {workdir.absolute()} is in use by another run (host '
+                           f'{socket.gethostname()}, PID {first.pid}, started '), line
+
+    first.send_signal(signal.SIGINT)
+    first.send_signal(signal.SIGCONT)
+    stdout, stderr = first.communicate(timeout=120)
+    assert first.returncode == 130, stderr[-3000:]
+    assert 'stopped by SIGINT after saving the checkpoint at step' in stdout
+    stopped_at = int(re.search(r'checkpoint at step (\d+)', stdout).group(1))
+    assert complete_steps(workdir)[-1] == stopped_at
+    assert not _leftovers(workdir)
+
+
+def test_a_full_disk_is_one_line_naming_the_newest_intact_checkpoint(tmp_path, image_folder,
+                                                                     train_env):
+    """The workdir on a 1 MB file system: two checkpoints (~0.4 MB each) fit, the third does
+    not. The run stops with one line; the partial checkpoint is gone, the others intact."""
+    workdir = tmp_path / 'run'
+    workdir.mkdir()
+    mounted = subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=1m', 'tmpfs', str(workdir)],
+                             capture_output=True)
+    if mounted.returncode:
+        pytest.skip(f'cannot mount a small file system here: {mounted.stderr.strip()}')
+    try:
+        process = run_train(workdir, [*tiny_run_overrides(f'imagefolder:{image_folder}'),
+                                      '--config.checkpoint_every_steps=5'], train_env)
+        _, stderr = process.communicate(timeout=300)
+        assert process.returncode == 1, stderr[-3000:]
+        line = _one_line(stderr)
+        steps = complete_steps(workdir)
+        assert len(steps) == 2 and not _leftovers(workdir), (steps, _leftovers(workdir))
+        assert line.startswith(f'error: no space left on device writing the checkpoint of step '
+                               f'{steps[-1] + 5} (not kept); the newest intact checkpoint is step '
+                               f'{steps[-1]} in '), line
+        assert line.endswith(f'; the newest intact checkpoint is step {steps[-1]} in '
+                             f'{workdir / "checkpoints"}; free some space and run the same '
+                             f'command to resume'), line
+        assert all(np.isfinite(leaf).all()
+                   for leaf in jax.tree.leaves(checkpointed_state(workdir, steps[-1])))
+    finally:
+        subprocess.run(['umount', str(workdir)], check=True)
+
+
+def test_a_read_only_workdir_is_one_line(tmp_path, train_env):
+    """Root writes through file modes, so as root the workdir is made immutable instead."""
+    workdir = tmp_path / 'run'
+    workdir.mkdir()
+    if os.geteuid() == 0:
+        if subprocess.run(['chattr', '+i', str(workdir)], capture_output=True).returncode:
+            pytest.skip('running as root on a file system without chattr +i')
+    else:
+        workdir.chmod(0o555)
+    try:
+        process = run_train(workdir, [], train_env)
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        if os.geteuid() == 0:
+            subprocess.run(['chattr', '-i', str(workdir)], check=True)
+        workdir.chmod(0o755)
+    assert process.returncode == 1
+    line = _one_line(stderr)
+    assert line.startswith(f'error: --workdir {workdir} is not writable: '), line
+    assert list(workdir.iterdir()) == []
+
+
+@pytest.mark.parametrize('process_id, expected', [
+    (0, 'error: process(es) 1 of 2 never joined within config.distributed_timeout_s=3 s'),
+    (1, 'error: process 1 of 2: the coordinator (process 0, rendezvous at 127.0.0.1:'),
+])
+def test_a_peer_that_never_joins_is_named_within_the_timeout(tmp_path, train_env, process_id,
+                                                              expected):
+    port = _free_port()
+    process = run_train(tmp_path / 'run', [
+        '--distributed', f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2',
+        f'--process_id={process_id}', '--config.distributed_timeout_s=3'], train_env)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 1
+    assert _one_line(stderr).startswith(expected), stderr
