@@ -51,7 +51,7 @@ def train_env(tmp_path_factory) -> dict[str, str]:
 # the compiled programs, so runs on different datasets of that shape share the compilation cache.
 TINY_RUN = {'model_overrides.start_layer': 3, 'batch_size': 16, 'eval_batch_size': 32,
             'num_train_steps': 80, 'warmup_steps': 5, 'mixup_alpha': 0.2, 'log_every_steps': 5,
-            'eval_every_steps': 40, 'checkpoint_every_steps': 20}
+            'eval_every_steps': 40, 'checkpoint_every_steps': 20, 'keep_checkpoints': 4}
 
 
 def tiny_run_overrides(dataset: str) -> list[str]:

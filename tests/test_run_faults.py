@@ -1,12 +1,15 @@
 """Runs that meet faults and careless use through the command line: divergence, a second run
-on a live workdir, Ctrl-C, a full disk, a read-only workdir, a peer that never joins. Each test
-asserts the exit status, the one line on stderr and what is on disk afterwards."""
+on a live workdir, Ctrl-C, a full disk, a read-only workdir, a peer that never joins, bad
+image files. Each test asserts the exit status, the one line on stderr and what is on disk
+afterwards. (Kills and damaged checkpoints: test_checkpoint_resume.py.)"""
 from __future__ import annotations
 
+import json
 import math
 import os
 import pathlib
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -15,6 +18,8 @@ import jax
 import numpy as np
 import pytest
 
+from aff_jax.training import workdir_lock
+from aff_jax.training.errors import RunError
 from conftest import (checkpointed_state, complete_steps, last_logged_step, metric_rows,
                       run_train, tiny_run_overrides, wait_until)
 
@@ -157,3 +162,64 @@ def test_a_peer_that_never_joins_is_named_within_the_timeout(tmp_path, train_env
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 1
     assert _one_line(stderr).startswith(expected), stderr
+
+
+def test_bad_image_files_are_listed_before_step_1_or_skipped(tmp_path, image_folder, train_env):
+    folder = tmp_path / 'folder'
+    shutil.copytree(image_folder, folder)
+    truncated = folder / 'train' / 'class_3' / '0.png'
+    truncated.write_bytes(truncated.read_bytes()[:60])
+    empty = folder / 'test' / 'class_5' / '1.png'
+    empty.write_bytes(b'')
+    overrides = tiny_run_overrides(f'imagefolder:{folder}')
+
+    process = run_train(tmp_path / 'strict', overrides, train_env)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 1
+    line = _one_line(stderr)
+    assert line.startswith('error: config.dataset: imagefolder: cannot read 2 of 160 files: '), line
+    assert f'{truncated}: truncated' in line and f'{empty}: zero bytes' in line
+    assert line.endswith('set config.skip_bad_files=True to train without them'), line
+    assert not (tmp_path / 'strict' / 'checkpoints').exists()
+
+    process = run_train(tmp_path / 'skipping', [*overrides, '--config.skip_bad_files=True'],
+                        train_env)
+    stdout, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0, stderr[-3000:]
+    assert f'leaving out {truncated}' in stderr and f'leaving out {empty}' in stderr
+    assert '119 train / 39 test images' in stdout
+    assert metric_rows(tmp_path / 'skipping')[-1]['step'] == 80
+
+
+def _write_lock(workdir: pathlib.Path, **holder) -> None:
+    (workdir / 'LOCK').write_text(json.dumps(holder))
+
+
+def test_the_workdir_lock_tells_live_holders_from_dead_ones(tmp_path):
+    here, me = socket.gethostname(), os.getpid()
+    exited = subprocess.Popen(['true'])
+    exited.wait()
+    live_start = workdir_lock.process_start(me)
+    cases = {
+        'dead PID': dict(host=here, pid=exited.pid, started='then'),
+        'reused PID': dict(host=here, pid=me, process_start='1', started='then'),
+        'half-written': None,
+    }
+    for name, holder in cases.items():
+        if holder is None:
+            (tmp_path / 'LOCK').write_text('{"host": ')
+        else:
+            _write_lock(tmp_path, **holder)
+        with workdir_lock.WorkdirLock(tmp_path) as lock:
+            assert lock.taken_over == (holder or {}), name
+            assert json.loads((tmp_path / 'LOCK').read_text())['pid'] == me
+        assert not (tmp_path / 'LOCK').exists()
+
+    for holder, shown in ((dict(host=here, pid=me, process_start=live_start, started='now'),
+                           f'(host {here}, PID {me}, started now)'),
+                          (dict(host='elsewhere', pid=1, started='now'),
+                           '(host elsewhere, PID 1, started now)')):
+        _write_lock(tmp_path, **holder)
+        with pytest.raises(RunError, match=re.escape(shown)):
+            workdir_lock.WorkdirLock(tmp_path).__enter__()
+        assert json.loads((tmp_path / 'LOCK').read_text()) == holder

@@ -17,7 +17,8 @@ import aff_jax
 from aff_jax.layers import conv2d, dense
 from aff_jax.training import loop, optimizer, steps, summary, tasks
 from aff_jax.training import mesh as mesh_lib
-from aff_jax.training.config import base_config, load_config
+from aff_jax.training import state as state_lib
+from aff_jax.training.config import apply_overrides, base_config, load_config
 from aff_jax.training.errors import ConfigError
 from conftest import REPO, TINY_RUN, run_train
 
@@ -192,6 +193,91 @@ def test_flops_and_parameters_per_image_against_a_closed_form():
     assert summary.flops_per_image(model, variables, (10, 10, 3)) == conv + fully_connected
 
 
+# Divergence on device -------------------------------------------------------------------------
+
+class _TinyClassifier(nn.Module):
+    @nn.compact
+    def __call__(self, x, train=False):
+        x = nn.Conv(4, (3, 3))(x)
+        x = nn.BatchNorm(use_running_average=not train, momentum=0.9)(x)
+        return nn.Dense(3)(jnp.mean(nn.relu(x), axis=(1, 2)))
+
+
+@pytest.mark.parametrize('skip', [False, True])
+def test_a_nonfinite_step_is_flagged_or_skipped_on_device(skip):
+    """Three steps, the second on a batch holding a NaN: without skipping, the state records
+    step 2 as the first non-finite one and keeps it; with skipping, step 2 leaves every array
+    of the state as step 1 left it, is counted, and step 3 trains again."""
+    config = _config(num_train_steps=10, skip_nonfinite_updates=skip)
+    model, tx = _TinyClassifier(), optimizer.make_optimizer(config)
+    mesh = mesh_lib.make_mesh((1, 1))
+    rng = np.random.default_rng(0)
+    batches = [{'image': rng.normal(size=(4, 6, 6, 3)).astype(np.float32),
+                'label': np.array([0, 1, 2, 0], np.int32)} for _ in range(3)]
+    batches[1]['image'][2, 3, 3, 1] = np.nan
+    with jax.set_mesh(mesh):
+        init_fn, _, shardings = state_lib.state_layout(model, tx, (1, 6, 6, 3), mesh, [])
+        state = state_lib.create_state(init_fn, shardings, jax.random.key(0))
+        sharding = mesh_lib.batch_sharding(mesh)
+        train_step = steps.make_train_step(model, tx, optimizer.make_schedule(config), config,
+                                           tasks.Classification(3), jax.random.key(1),
+                                           shardings, sharding)
+        states, logged = [], []
+        for batch in batches:
+            state, metrics = train_step(state, jax.device_put(batch, sharding))
+            states.append(jax.device_get(state))
+            logged.append(jax.device_get(metrics))
+    assert not np.isfinite(logged[1]['train/loss'])
+    assert [int(s.step) for s in states] == [1, 2, 3]
+    arrays = lambda s: jax.tree.leaves((s.params, s.batch_stats, s.opt_state))  # noqa: E731
+    if skip:
+        assert [int(s.skipped_updates) for s in states] == [0, 1, 1]
+        assert [int(s.nonfinite_step) for s in states] == [0, 0, 0]
+        assert [float(m['train/skipped_updates']) for m in logged] == [0.0, 1.0, 1.0]
+        for kept, before in zip(arrays(states[1]), arrays(states[0])):
+            np.testing.assert_array_equal(kept, before)
+        assert all(np.isfinite(a).all() for a in arrays(states[2]))
+        assert not np.array_equal(states[2].params['Dense_0']['kernel'],
+                                  states[1].params['Dense_0']['kernel'])
+    else:
+        assert [int(s.nonfinite_step) for s in states] == [0, 2, 2]
+        assert [int(s.skipped_updates) for s in states] == [0, 0, 0]
+        assert 'train/skipped_updates' not in logged[0]
+
+
+# Config overrides ------------------------------------------------------------------------------
+
+def test_overrides_parse_literals_and_open_model_overrides():
+    config = load_config(REPO / 'configs' / 'quickstart.py')
+    apply_overrides(config, [('learning_rate', '1'), ('mesh_shape', '(2, 1)'),
+                             ('fusion', 'iaff'), ('nesterov', 'false'), ('num_classes', '12'),
+                             ('model_overrides.r', '2'), ('model_overrides.layers', '(2, 1, 1)')])
+    assert (config.learning_rate, config.mesh_shape, config.fusion) == (1.0, (2, 1), 'iaff')
+    assert (config.nesterov, config.num_classes) == (False, 12)
+    model = aff_jax.create_model(config.model, num_classes=10, fusion=config.fusion,
+                                 **config.model_overrides)
+    params = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)),
+                                               train=False))['params']
+    assert len(params['features']['2']) == 2  # two blocks in stage 1
+    # r = 2: the MS-CAM bottleneck of the 32-channel stage has 32 / 2 channels.
+    bottleneck = params['features']['4']['0']['attention']['local_att']['0']['kernel']
+    assert nn.meta.unbox(bottleneck).shape == (1, 1, 32, 16)
+
+
+@pytest.mark.parametrize('key, value, message', [
+    ('learnin_rate', '0.1', 'config.learnin_rate: unknown config key; did you mean '
+                            'learning_rate?'),
+    ('model_overrides', '3', 'config.model_overrides is a group of keys'),
+    ('batch_size', '2.5', "config.batch_size must be of type int, got '2.5'"),
+    ('batch_size', 'abc', "config.batch_size must be of type int, got 'abc'"),
+    ('no.such', '1', 'config.no.such: unknown config key'),
+])
+def test_bad_overrides_name_the_key(key, value, message):
+    with pytest.raises(ConfigError) as error:
+        apply_overrides(base_config(), [(key, value)])
+    assert str(error.value).startswith(message), str(error.value)
+
+
 # The command line ----------------------------------------------------------------------------
 
 @pytest.mark.parametrize('overrides, devices, key', [
@@ -200,7 +286,15 @@ def test_flops_and_parameters_per_image_against_a_closed_form():
     (['--config.fusion=no_such_fusion'], 1, 'config.fusion'),
     (['--config.mesh_shape=(3, 1)'], 4, 'config.mesh_shape'),
     (['--config.batch_size=6'], 4, 'config.batch_size'),
-], ids=['dataset', 'model', 'fusion', 'mesh', 'batch'])
+    (['--config.learnin_rate=0.1'], 1, 'config.learnin_rate: unknown config key; did you mean '
+                                        'learning_rate?'),
+    (['--config.model_overrides.no_such_key=1'], 1, 'config.model_overrides'),
+    (['--config.batch_size=1'], 1, 'config.batch_size=1: BatchNorm'),
+    (['--config.learning_rate=-1'], 1, 'config.learning_rate must be > 0'),
+    (['--config.seed=-1'], 1, 'config.seed must be an int >= 0'),
+    (['--config.num_train_steps'], 1, '--config.num_train_steps needs a value'),
+], ids=['dataset', 'model', 'fusion', 'mesh', 'batch', 'unknown_key', 'unknown_override',
+        'batch_of_one', 'learning_rate', 'seed', 'no_value'])
 def test_bad_input_exits_nonzero_with_a_one_line_reason(tmp_path, train_env, overrides, devices,
                                                          key):
     env = dict(train_env, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')

@@ -24,7 +24,11 @@ the re-iterable dataset behind `make_iterator`: the evaluation reads it once per
 without opening the source again. With worker processes, call `it.close()` when done.
 """
 
+import ctypes
 import math
+import os
+import signal
+import sys
 
 import grain
 import jax
@@ -39,6 +43,17 @@ __all__ = ['IGNORE_LABEL', 'DatasetInfo', 'DatasetNotFoundError', 'get_info', 'm
 
 _READ_THREADS = 4
 _PREFETCH_BATCHES = 4
+
+
+def _die_with_parent(worker_index: int, worker_count: int) -> None:
+    """Runs in each grain worker process: a worker outlives a parent killed with SIGKILL (and
+    keeps its stdout open), so on Linux the kernel is asked to kill it with the parent."""
+    del worker_index, worker_count
+    if sys.platform.startswith('linux'):
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None).prctl(pr_set_pdeathsig, signal.SIGKILL)
+        if os.getppid() == 1:  # the parent died before the request took effect
+            os._exit(1)
 
 
 def get_info(name: str, data_dir=None, num_classes=None, skip_bad_files=False) -> DatasetInfo:
@@ -193,5 +208,6 @@ def make_dataset(
         # grain's worker processes read absl flags; outside absl.app.run nobody parsed them.
         if not flags.FLAGS.is_parsed():
             flags.FLAGS.mark_as_parsed()
-        batches = batches.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+        batches = batches.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count),
+                                      worker_init_fn=_die_with_parent)
     return batches

@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import errno
 import os
 import pathlib
-import re
 import sys
 from typing import Any, Iterator
 
@@ -34,7 +32,7 @@ from aff_jax.training import state as state_lib
 from aff_jax.training import steps, summary, tasks
 from aff_jax.training.checkpoint import Checkpointer
 from aff_jax.training.config import changed_keys
-from aff_jax.training.errors import ConfigError, Diverged, RunError
+from aff_jax.training.errors import ConfigError, Diverged, RunError, disk_full
 from aff_jax.training.metrics import METRICS_FILE, MetricsWriter, ProgressBar, read_metrics
 from aff_jax.training.plot import CURVES_FILE, PREDICTIONS_FILE, plot_curves, plot_predictions
 from aff_jax.training.stop_signals import StopSignals
@@ -195,17 +193,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     try:
         return _run(config, workdir)
     except Exception as e:
-        full = _no_space(e)
+        full = disk_full(e, workdir / CHECKPOINT_DIR)
         if full is None:
             raise
-        checkpoints = workdir / CHECKPOINT_DIR
-        target = str(full.filename or workdir)
-        saving = re.search(rf'{re.escape(str(checkpoints))}/(\d+)\.orbax-checkpoint-tmp', target)
-        if saving:
-            target = f'the checkpoint of step {saving.group(1)} (not kept)'
-        raise RunError(
-            f'no space left on device writing {target}; {_newest_checkpoint(checkpoints)}; free '
-            f'some space and run the same command to resume') from e
+        raise full from e
 
 
 def _open_workdir(workdir: pathlib.Path) -> pathlib.Path:
@@ -218,31 +209,6 @@ def _open_workdir(workdir: pathlib.Path) -> pathlib.Path:
     except OSError as e:
         raise RunError(f'--workdir {workdir} is not writable: {e.strerror or e}') from e
     return workdir.absolute()
-
-
-def _no_space(error: BaseException) -> OSError | None:
-    """The ``ENOSPC`` error behind ``error`` (itself, its causes and contexts) as an OSError
-    naming the file it was writing where any of them says. Orbax's background writes report it
-    as TensorStore text (``... Failed writing: "PATH": ... No space left on device``)."""
-    full, filename, seen = False, None, set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        text = str(error)
-        if (isinstance(error, OSError) and error.errno == errno.ENOSPC
-                or os.strerror(errno.ENOSPC) in text):
-            full = True
-            paths = re.findall(r'"(/[^"]+)"', text)
-            filename = filename or getattr(error, 'filename', None) or (paths[-1] if paths
-                                                                          else None)
-        error = error.__cause__ or error.__context__
-    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), filename) if full else None
-
-
-def _newest_checkpoint(directory: pathlib.Path) -> str:
-    steps = sorted(int(p.name) for p in directory.glob('*') if p.name.isdigit())
-    if not steps:
-        return 'no checkpoint was completed'
-    return f'the newest intact checkpoint is step {steps[-1]} in {directory}'
 
 
 def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> RunResult:

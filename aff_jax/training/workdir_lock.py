@@ -18,7 +18,7 @@ from aff_jax.training.errors import RunError
 LOCK_FILE = 'LOCK'
 
 
-def _process_start(pid: int) -> str | None:
+def process_start(pid: int) -> str | None:
     """The kernel's start time of ``pid`` (clock ticks since boot, /proc), None where unknown."""
     try:
         stat = pathlib.Path(f'/proc/{pid}/stat').read_text()
@@ -39,7 +39,7 @@ def _alive(holder: dict) -> bool:
     except PermissionError:
         return True
     started = holder.get('process_start')
-    return started is None or _process_start(pid) in (None, started)
+    return started is None or process_start(pid) in (None, started)
 
 
 class WorkdirLock:
@@ -56,7 +56,7 @@ class WorkdirLock:
 
     def __enter__(self) -> WorkdirLock:
         me = {'host': socket.gethostname(), 'pid': os.getpid(),
-              'process_start': _process_start(os.getpid()),
+              'process_start': process_start(os.getpid()),
               'started': time.strftime('%Y-%m-%d %H:%M:%S %Z')}
         # Two attempts: the second after removing a stale lock; O_EXCL makes a race between
         # two runs taking over the same stale lock end with one winner.
