@@ -106,6 +106,16 @@ class _Job:
              f'--workdir={self.workdir}', *flags, *overrides],
             cwd=REPO, env=env, stdout=out, stderr=err, text=True))
 
+    def run_alone(self, overrides: list[str], env: dict[str, str]) -> str:
+        """Start one process, wait for it to exit 0; its stdout."""
+        try:
+            self.start(overrides, env)
+        except BaseException:
+            self.kill()
+            raise
+        [(stdout, _)] = self.wait()
+        return stdout
+
     def kill(self) -> None:
         """SIGKILL whatever still runs (nothing once ``wait`` returned)."""
         for process in self.processes:
@@ -211,12 +221,7 @@ def one_process(tmp_path_factory, image_folder, train_env):
     """Run A: 1 process x 4 devices, 10 steps; its workdir."""
     root = tmp_path_factory.mktemp('one_process')
     job = _Job(root / 'workdir', root / 'logs')
-    try:
-        job.start(_overrides(image_folder), _env(train_env, 4))
-    except BaseException:
-        job.kill()
-        raise
-    [(stdout, _)] = job.wait()
+    stdout = job.run_alone(_overrides(image_folder), _env(train_env, 4))
     assert 'mesh data=4 model=1 over 4 cpu device(s), 1 process(es)' in stdout
     return job.workdir
 
@@ -282,12 +287,7 @@ def test_a_checkpoint_of_two_processes_resumes_in_one(two_processes, tmp_path, i
     shutil.copytree(source, workdir)
     shutil.rmtree(workdir / 'checkpoints' / str(STEPS))
     job = _Job(workdir, tmp_path / 'logs')
-    try:
-        job.start(_overrides(image_folder), _env(train_env, 4))
-    except BaseException:
-        job.kill()
-        raise
-    [(stdout, _)] = job.wait()
+    stdout = job.run_alone(_overrides(image_folder), _env(train_env, 4))
     assert f'resuming from the checkpoint at step {RESUME_AT}' in stdout
     assert 'mesh data=4 model=1 over 4 cpu device(s), 1 process(es)' in stdout
     assert 'the config differs' not in stdout

@@ -288,17 +288,19 @@ def test_bad_overrides_name_the_key(key, value, message):
     (['--config.batch_size=6'], 4, 'config.batch_size'),
     (['--config.learnin_rate=0.1'], 1, 'config.learnin_rate: unknown config key; did you mean '
                                         'learning_rate?'),
-    (['--config.model_overrides.no_such_key=1'], 1, 'config.model_overrides'),
+    # The model is built after the dataset is read: a prepared one, so that nothing else prints.
+    (['--config.dataset=imagefolder:{folder}', '--config.model_overrides.no_such_key=1'], 1,
+     'config.model_overrides'),
     (['--config.batch_size=1'], 1, 'config.batch_size=1: BatchNorm'),
     (['--config.learning_rate=-1'], 1, 'config.learning_rate must be > 0'),
     (['--config.seed=-1'], 1, 'config.seed must be an int >= 0'),
     (['--config.num_train_steps'], 1, '--config.num_train_steps needs a value'),
 ], ids=['dataset', 'model', 'fusion', 'mesh', 'batch', 'unknown_key', 'unknown_override',
         'batch_of_one', 'learning_rate', 'seed', 'no_value'])
-def test_bad_input_exits_nonzero_with_a_one_line_reason(tmp_path, train_env, overrides, devices,
-                                                         key):
+def test_bad_input_exits_nonzero_with_a_one_line_reason(tmp_path, train_env, image_folder,
+                                                         overrides, devices, key):
     env = dict(train_env, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
-    process = run_train(tmp_path / 'run', overrides, env)
+    process = run_train(tmp_path / 'run', [o.format(folder=image_folder) for o in overrides], env)
     stdout, stderr = process.communicate(timeout=300)
     assert process.returncode == 1
     lines = stderr.strip().splitlines()

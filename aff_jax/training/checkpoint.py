@@ -79,6 +79,11 @@ class Checkpointer:
         """The steps of the complete checkpoints, oldest first."""
         return list(self.manager.all_steps())
 
+    def newest_step(self) -> int | None:
+        """The newest complete checkpoint's step once pending saves are on disk, or None."""
+        self.manager.wait_until_finished()
+        return self.manager.latest_step()
+
     def preempted(self, step: int) -> bool:
         """Whether a multi-process job must save at ``step`` and stop (call on every process,
         every step)."""

@@ -300,7 +300,9 @@ def _initial_state(exp: Experiment, checkpointer: Checkpointer, layout,
 
 
 def _short_reason(error: Exception, limit: int = 200) -> str:
-    text = ' '.join(str(error).split()) or type(error).__name__
+    # TensorStore appends a pointer to its own details (a bound method's repr) to its errors.
+    text = ' '.join(str(error).split(' See full TensorStore details')[0].split())
+    text = text or type(error).__name__
     return text if len(text) <= limit else text[:limit] + '...'
 
 
@@ -311,9 +313,9 @@ def _check_finite(state: state_lib.TrainState, step: int, checkpointer: Checkpoi
     bad = int(state.nonfinite_step)
     if not bad:
         return
-    checkpointer.manager.wait_until_finished()
-    saved = checkpointer.steps()
-    newest = f'the newest checkpoint is step {saved[-1]}' if saved else 'no checkpoint was written'
+    saved = checkpointer.newest_step()
+    newest = f'the newest checkpoint is step {saved}' if saved is not None else \
+        'no checkpoint was written'
     raise Diverged(
         f'the loss or the gradients became non-finite at step {bad} (learning_rate '
         f'{config.learning_rate}); stopped at step {step} without checkpointing it, {newest}. '
