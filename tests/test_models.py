@@ -111,6 +111,23 @@ def test_overrides_r_num_classes_and_small_input():
     assert large['params']['conv1']['kernel'].shape == (7, 7, 3, 64)
 
 
+def test_stats_rule_override_reaches_host_and_fusion():
+    """The Gluon-rule preset with the PyTorch rule: every BatchNorm, the fusion's included,
+    keeps ``num_batches_tracked`` (it used to raise 'multiple values for stats_rule')."""
+    model = aff_jax.create_model('cifar_aff_resnet32', layers=(1, 1, 1), stats_rule='torch')
+    variables, _ = shapes(model)
+    counters = [jax.tree_util.keystr(path) for path, _ in
+                jax.tree_util.tree_leaves_with_path(variables['batch_stats'])
+                if 'num_batches_tracked' in jax.tree_util.keystr(path)]
+    assert any('attention' in c for c in counters) and any('attention' not in c for c in counters)
+
+
+def test_r_with_a_fusion_factory_is_an_error_not_ignored():
+    factory = fusion.factory('aff', {'r': 4, 'stats_rule': 'torch'})
+    with pytest.raises(TypeError, match='r applies to a fusion given by name'):
+        aff_jax.create_model('tv_resnet18', fusion=factory, r=8)
+
+
 def test_official_fusion_starts_at_start_layer():
     """aff_resnet50 fuses from stage 3 on: stages 1-2 hold no attention parameters."""
     variables, _ = shapes(aff_jax.create_model('aff_resnet50', layers=(1, 1, 1, 1)), size=64)

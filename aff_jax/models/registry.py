@@ -187,7 +187,10 @@ def create_model(name: str, num_classes: int | None = None,
     if name in _SEGMENTATION:
         return _create_segmentation(name, num_classes, fusion, dtype, overrides)
     spec = preset(name)
+    if fusion is not None and not isinstance(fusion, str) and 'r' in overrides:
+        raise TypeError('r applies to a fusion given by name; a fusion factory carries its own r')
     r = overrides.pop('r', spec.r)
+    stats_rule = overrides.pop('stats_rule', spec.stats_rule)
     fusion_options = dict(overrides.pop('fusion_options', None) or {})
     fields = dict(spec.fields, dtype=dtype, **({} if num_classes is None else {'num_classes': num_classes}))
     host_fields = set(spec.host.__dataclass_fields__) - {'parent', 'name', 'fusion'}
@@ -200,12 +203,12 @@ def create_model(name: str, num_classes: int | None = None,
         scheme = spec.fusion if fusion is None else fusion
         fusion_lib.scheme(scheme)
         options = {**spec.fusion_options.get(scheme, {}), **fusion_options}
-        defaults = dict(r=r, stats_rule=spec.stats_rule, dtype=dtype,
+        defaults = dict(r=r, stats_rule=stats_rule, dtype=dtype,
                         param_dtype=fields.get('param_dtype', jnp.float32))
         fusion = fusion_lib.factory(scheme, defaults, **options)
     elif fusion_options:
         raise TypeError('fusion_options applies to a fusion given by name, not to a factory')
-    return spec.host(fusion=fusion, stats_rule=spec.stats_rule, **fields)
+    return spec.host(fusion=fusion, stats_rule=stats_rule, **fields)
 
 
 def _create_segmentation(name: str, num_classes: int | None,
