@@ -30,6 +30,8 @@ import tqdm
 from absl import logging
 from PIL import Image, UnidentifiedImageError
 
+from aff_jax.user_cache import user_cache_dir
+
 PROGRESS_MIN_FILES = 200   # larger checks show a progress bar
 MAX_LISTED = 20            # bad files named in the error; the rest are counted
 LABEL_MODES = ('L', 'P')   # mask modes whose stored values are class indices
@@ -60,8 +62,7 @@ class Checked:
 
 def cache_dir() -> str:
     """Where the verdict caches live: $XDG_CACHE_HOME/aff_jax/file_checks or ~/.cache/..."""
-    base = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
-    return os.path.join(base, 'aff_jax', 'file_checks')
+    return str(user_cache_dir('file_checks'))
 
 
 def cache_path(root: str) -> str:

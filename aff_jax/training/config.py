@@ -87,6 +87,10 @@ def base_config() -> ml_collections.ConfigDict:
     # missing ones and exits.
     c.distributed_timeout_s = 120
 
+    # Persistent XLA compilation cache: 'auto' ($XDG_CACHE_HOME/aff_jax/xla, or the directory
+    # JAX_COMPILATION_CACHE_DIR names), a path, or '' to compile afresh every run.
+    c.compilation_cache = 'auto'
+
     c.checkpoint_every_steps = 1000
     c.keep_checkpoints = 3
     c.eval_every_steps = 1000

@@ -29,7 +29,7 @@ from aff_jax.training import mesh as mesh_lib
 from aff_jax.training import optimizer as optimizer_lib
 from aff_jax.training import pretrained
 from aff_jax.training import state as state_lib
-from aff_jax.training import steps, summary, tasks
+from aff_jax.training import compile_cache, steps, summary, tasks
 from aff_jax.training.checkpoint import Checkpointer
 from aff_jax.training.config import changed_keys
 from aff_jax.training.errors import ConfigError, Diverged, RunError, disk_full
@@ -190,6 +190,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     """
     check_config(config)
     workdir = _open_workdir(pathlib.Path(workdir))
+    compile_cache.enable(config.compilation_cache)
     try:
         return _run(config, workdir)
     except Exception as e:
