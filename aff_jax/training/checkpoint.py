@@ -33,7 +33,7 @@ class Checkpointer:
     service turns SIGTERM into a step all processes agree on, ``preempted``); a single-process
     job forces the save itself (``stop_signals``). Use as a context manager: leaving the block
     waits for a pending save to be complete on disk; after an exception, a save that cannot
-    complete is left as Orbax's temporary directory, which the next run removes.
+    complete (a full disk, ...) is removed, so no partial checkpoint stays behind.
     """
 
     def __init__(self, directory: pathlib.Path, every_steps: int, keep: int):

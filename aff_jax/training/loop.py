@@ -6,8 +6,8 @@ compilation; divergence as ``Diverged``. The task (classification or segmentatio
 follows from the model and the dataset, which must agree; the loop is the same for both.
 
 One ``ExitStack`` owns the run's resources (workdir lock, signal handlers, checkpointer, data
-iterators, metrics writer): whichever way the run ends, a pending checkpoint is completed (or
-left for the next run to discard), grain workers stop, the handlers and the lock are released.
+iterators, metrics writer): whichever way the run ends, a pending checkpoint is completed (or,
+when it cannot be, removed), grain workers stop, the handlers and the lock are released.
 """
 from __future__ import annotations
 
@@ -56,10 +56,6 @@ class RunResult:
     eval_metrics: dict[str, float] | None
     exit_code: int = 0
 
-    @property
-    def preempted(self) -> bool:
-        return self.exit_code != 0
-
 
 @dataclasses.dataclass(frozen=True)
 class Experiment:
@@ -105,11 +101,10 @@ def _task_name(model: str) -> str:
 
 
 def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
-    """Validate ``config`` against the devices and the dataset; build the mesh and the model.
-
-    The cheap checks come first, so a bad key fails before a dataset is prepared.
+    """Validate ``config`` (which passed ``check_config``, as ``train_and_evaluate`` ensures)
+    against the devices and the dataset; build the mesh and the model. The mesh checks come
+    first, so a bad mesh fails before a dataset is prepared.
     """
-    check_config(config)
     mesh = mesh_lib.make_mesh(config.mesh_shape)
     mesh_lib.check_batch_size(config.batch_size, mesh)
     mesh_lib.check_batch_size(config.eval_batch_size, mesh, key='eval_batch_size')
