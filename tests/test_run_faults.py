@@ -13,12 +13,14 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
+import time
 
 import jax
 import numpy as np
 import pytest
 
-from aff_jax.training import workdir_lock
+from aff_jax.training import distributed, workdir_lock
 from aff_jax.training.errors import RunError
 from conftest import (checkpointed_state, complete_steps, last_logged_step, metric_rows,
                       run_train, tiny_run_overrides, wait_until)
@@ -223,3 +225,32 @@ def test_the_workdir_lock_tells_live_holders_from_dead_ones(tmp_path):
         with pytest.raises(RunError, match=re.escape(shown)):
             workdir_lock.WorkdirLock(tmp_path).__enter__()
         assert json.loads((tmp_path / 'LOCK').read_text()) == holder
+
+
+def test_the_rendezvous_ignores_a_stray_connection():
+    """Process 0 of 2 waits; a stranger connects and sends garbage, then process 1 reports:
+    the wait ends normally, for both."""
+    port = _free_port()
+    address = ('127.0.0.1', port)
+    errors = []
+
+    def coordinator():
+        try:
+            distributed._wait_for_peers(address, 2, 20)
+        except Exception as e:  # noqa: BLE001 - reported through the assertion below
+            errors.append(e)
+
+    thread = threading.Thread(target=coordinator)
+    thread.start()
+    stray = None
+    for _ in range(100):
+        try:
+            stray = socket.create_connection(address, timeout=1)
+            break
+        except OSError:
+            time.sleep(0.05)
+    stray.sendall(b'hello?\n')
+    distributed._report_to_coordinator(address, 1, 2, 20)
+    thread.join(20)
+    stray.close()
+    assert not thread.is_alive() and errors == []

@@ -56,8 +56,13 @@ def _wait_for_peers(address: tuple[str, int], num_processes: int, timeout_s: flo
                 connection, _ = server.accept()
             except TimeoutError:
                 continue
-            connection.settimeout(timeout_s)
-            index = int(connection.makefile('rb').readline() or b'-1')
+            # Anything else that connects (a late duplicate, a port scanner) is dropped, not
+            # allowed to end the wait with a traceback.
+            connection.settimeout(max(deadline - time.monotonic(), 0.1))
+            try:
+                index = int(connection.makefile('rb').readline())
+            except (OSError, ValueError):
+                index = -1
             if not 0 < index < num_processes:
                 connection.close()
                 continue
