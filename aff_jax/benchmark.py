@@ -1,10 +1,15 @@
-"""Throughput of an aff-jax ``tv_*`` model against the PyTorch port's architecture, same run.
+"""Throughput of an aff-jax model against the same architecture in PyTorch, in one process.
 
-    python -m aff_jax.benchmark --model tv_resnet18 --fusion aff --batch 32 --size 64
+    python -m aff_jax.benchmark --model cifar_aff_resnet32 --batch 32
+    python -m aff_jax.benchmark --model tv_resnet50 --fusion aff --batch 16 --size 64
 
-Both sides get the same weights and input; inference is an eval-mode forward, training a
-train-mode forward + backward + SGD update (jitted and state-donating on the JAX side).
-Prints compile time (JAX) and images per second for each, and the JAX / PyTorch ratio.
+The PyTorch side is ``aff_jax.reference.torch_port`` for the ``tv_*`` presets (same weights,
+copied) and ``aff_jax.reference.official`` for the official presets (its own random weights:
+throughput does not depend on them). Inference is an eval-mode forward; training a train-mode
+forward + backward + SGD-momentum update, jitted and state-donating on the JAX side, eager on
+the PyTorch side. Both run in alternating rounds (JAX, PyTorch, JAX, ...) so that both see the
+same machine load; the figures are medians over rounds, the ratio (JAX / PyTorch images per
+second) the median of the per-round ratios. Prints JSON, compile times included.
 """
 from __future__ import annotations
 
@@ -23,8 +28,10 @@ import optax
 import aff_jax
 from aff_jax.interop import torch as aff_torch
 
+NUM_CLASSES = 10
 
-def _time(step: Callable[[], Any], iters: int) -> float:
+
+def _seconds_per_call(step: Callable[[], Any], iters: int) -> float:
     """Seconds per call of ``step`` (which must block until its result is ready)."""
     start = time.perf_counter()
     for _ in range(iters):
@@ -32,21 +39,42 @@ def _time(step: Callable[[], Any], iters: int) -> float:
     return (time.perf_counter() - start) / iters
 
 
-def benchmark(model_name: str, fusion: str, batch: int, size: int, iters: int,
-              small_input: bool = True) -> dict[str, Any]:
+def _reference(model_name: str, fusion: str | None, small_input: bool):
+    """The PyTorch model, and whether it shares the JAX model's weights."""
+    if model_name.startswith('tv_'):
+        from aff_jax.reference import torch_port
+        return torch_port.build_port(model_name, fusion=fusion or 'aff', num_classes=NUM_CLASSES,
+                                     small_input=small_input), True
+    from aff_jax.reference import official
+    if fusion is not None:
+        raise ValueError(f'--fusion applies to the tv_* presets; {model_name} has its own')
+    return official.build_official(model_name, num_classes=NUM_CLASSES), False
+
+
+def _jax_model(model_name: str, fusion: str | None, small_input: bool, dtype: Any):
+    kwargs: dict[str, Any] = {'num_classes': NUM_CLASSES, 'dtype': dtype}
+    if model_name.startswith('tv_'):
+        kwargs.update(fusion=fusion or 'aff', small_input=small_input)
+    return aff_jax.create_model(model_name, **kwargs)
+
+
+def benchmark(model_name: str, fusion: str | None = None, batch: int = 32, size: int = 32,
+              iters: int = 3, rounds: int = 5, small_input: bool = True,
+              dtype: str = 'float32') -> dict[str, Any]:
+    """Runs the comparison; returns compile seconds, median images/s and ratios as a dict."""
     import torch
 
-    from aff_jax.reference import torch_port
-
-    reference = torch_port.build_port(model_name, fusion=fusion, num_classes=10,
-                                      small_input=small_input)
-    model = aff_jax.create_model(model_name, fusion=fusion, num_classes=10, small_input=small_input)
-    variables = aff_torch.from_state_dict(model, reference.state_dict())
+    reference, shared_weights = _reference(model_name, fusion, small_input)
+    model = _jax_model(model_name, fusion, small_input, jnp.dtype(dtype))
     rng = np.random.default_rng(0)
     x_nchw = rng.standard_normal((batch, 3, size, size)).astype(np.float32)
-    labels = rng.integers(0, 10, batch)
+    labels = rng.integers(0, NUM_CLASSES, batch)
     x = jnp.asarray(x_nchw.transpose(0, 2, 3, 1))
     y = jnp.asarray(labels)
+    if shared_weights:
+        variables = aff_torch.from_state_dict(model, reference.state_dict())
+    else:
+        variables = jax.jit(functools.partial(model.init, train=False))(jax.random.key(0), x)
     tx = optax.sgd(0.01, momentum=0.9)
 
     forward = jax.jit(functools.partial(model.apply, train=False))
@@ -56,30 +84,29 @@ def benchmark(model_name: str, fusion: str, batch: int, size: int, iters: int,
         def loss_fn(p):
             logits, updates = model.apply({'params': p, 'batch_stats': batch_stats}, images,
                                           train=True, mutable=['batch_stats'])
-            loss = optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+            loss = optax.softmax_cross_entropy_with_integer_labels(
+                logits.astype(jnp.float32), targets).mean()
             return loss, updates['batch_stats']
         grads, new_stats = jax.grad(loss_fn, has_aux=True)(params)
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), new_stats, opt_state
 
     start = time.perf_counter()
-    forward.lower(variables, x).compile()
+    forward_compiled = forward.lower(variables, x).compile()
     compile_forward = time.perf_counter() - start
-    state = [jax.tree.map(jnp.asarray, variables['params']),
-             jax.tree.map(jnp.asarray, variables['batch_stats'])]
+    state = [jax.tree.map(jnp.array, variables['params']),
+             jax.tree.map(jnp.array, variables['batch_stats'])]
     state.append(tx.init(state[0]))
     start = time.perf_counter()
-    train_step.lower(*state, x, y).compile()
+    train_compiled = train_step.lower(*state, x, y).compile()
     compile_train = time.perf_counter() - start
 
-    def jax_train():
-        state[:] = train_step(*state, x, y)
-        jax.block_until_ready(state[0])
+    def jax_forward():
+        forward_compiled(variables, x).block_until_ready()
 
-    forward(variables, x).block_until_ready()
-    jax_train()
-    jax_fwd = _time(lambda: forward(variables, x).block_until_ready(), iters)
-    jax_trn = _time(jax_train, iters)
+    def jax_train():
+        state[:] = train_compiled(*state, x, y)
+        jax.block_until_ready(state[0])
 
     xt, yt = torch.from_numpy(x_nchw), torch.from_numpy(labels)
     optimizer = torch.optim.SGD(reference.parameters(), lr=0.01, momentum=0.9)
@@ -95,31 +122,44 @@ def benchmark(model_name: str, fusion: str, batch: int, size: int, iters: int,
         torch.nn.functional.cross_entropy(reference(xt), yt).backward()
         optimizer.step()
 
-    torch_forward()
-    torch_train()
-    torch_fwd = _time(torch_forward, iters)
-    torch_trn = _time(torch_train, iters)
+    sides = {'jax_forward': jax_forward, 'torch_forward': torch_forward,
+             'jax_train': jax_train, 'torch_train': torch_train}
+    for step in sides.values():
+        step()
+    seconds: dict[str, list[float]] = {name: [] for name in sides}
+    for _ in range(rounds):
+        for name, step in sides.items():
+            seconds[name].append(_seconds_per_call(step, iters))
+    per_round = {name: np.asarray(values) for name, values in seconds.items()}
     return {
-        'model': model_name, 'fusion': fusion, 'batch': batch, 'size': size, 'iters': iters,
+        'model': model_name, 'fusion': fusion, 'batch': batch, 'size': size, 'dtype': dtype,
+        'iters': iters, 'rounds': rounds, 'shared_weights': shared_weights,
         'machine': f'{platform.processor() or platform.machine()}, {jax.devices()[0].platform}, '
                    f'torch threads {torch.get_num_threads()}',
         'jax_compile_s': {'forward': compile_forward, 'train_step': compile_train},
-        'images_per_s': {
-            'jax_forward': batch / jax_fwd, 'torch_forward': batch / torch_fwd,
-            'jax_train': batch / jax_trn, 'torch_train': batch / torch_trn},
-        'ratio_jax_over_torch': {'forward': torch_fwd / jax_fwd, 'train': torch_trn / jax_trn},
+        'images_per_s': {name: float(np.median(batch / s)) for name, s in per_round.items()},
+        'ratio_jax_over_torch': {
+            mode: float(np.median(per_round[f'torch_{mode}'] / per_round[f'jax_{mode}']))
+            for mode in ('forward', 'train')},
     }
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog='python -m aff_jax.benchmark', description=__doc__.split('\n')[0])
-    parser.add_argument('--model', default='tv_resnet18')
-    parser.add_argument('--fusion', default='aff', choices=('add', 'aff', 'iaff'))
+    parser = argparse.ArgumentParser(prog='python -m aff_jax.benchmark',
+                                     description=__doc__.split('\n')[0])
+    parser.add_argument('--model', default='cifar_aff_resnet32',
+                        help='a tv_* preset or an official preset (aff_jax.list_models())')
+    parser.add_argument('--fusion', default=None, choices=('add', 'aff', 'iaff'),
+                        help='tv_* presets only (default aff)')
     parser.add_argument('--batch', type=int, default=32)
-    parser.add_argument('--size', type=int, default=64)
-    parser.add_argument('--iters', type=int, default=10)
+    parser.add_argument('--size', type=int, default=32, help='input height and width')
+    parser.add_argument('--iters', type=int, default=3, help='steps per side per round')
+    parser.add_argument('--rounds', type=int, default=5)
+    parser.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'),
+                        help='JAX compute dtype (PyTorch runs float32)')
     args = parser.parse_args()
-    print(json.dumps(benchmark(args.model, args.fusion, args.batch, args.size, args.iters), indent=2))
+    print(json.dumps(benchmark(args.model, args.fusion, args.batch, args.size, args.iters,
+                               args.rounds, dtype=args.dtype), indent=2))
 
 
 if __name__ == '__main__':

@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from aff_jax import conv as conv_lib
+
 Dtype = Any
 
 CONV_AXES = ('conv_height', 'conv_width', 'conv_in', 'conv_out')
@@ -28,23 +30,52 @@ conv_kernel_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 dense_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform')
 
 
-def conv2d(features: int, kernel_size: int, *, stride: int = 1, padding: int = 0,
-           dilation: int = 1, groups: int = 1, bias: bool = False, dtype: Dtype = jnp.float32,
-           param_dtype: Dtype = jnp.float32, name: str | None = None) -> nn.Conv:
+class Conv2D(nn.Module):
     """A square conv with PyTorch/Gluon semantics: symmetric explicit padding ``padding``.
 
     flax's ``'SAME'`` pads (0, 1) for a stride-2 3x3 conv on an even input where PyTorch and
-    Gluon pad (1, 1), so the padding is always given explicitly.
-    Kernel layout HWIO: ``(k, k, C_in // groups, features)``.
+    Gluon pad (1, 1), so the padding is always given explicitly. Parameters as ``nn.Conv``'s:
+    ``kernel`` HWIO ``(k, k, C_in // groups, features)``, ``bias`` ``(features,)``.
+    (N, H, W, C_in) -> (N, H_out, W_out, features). Computed by :func:`aff_jax.conv.conv2d`
+    (GEMM weight gradients on CPU).
     """
-    return nn.Conv(
-        features, (kernel_size, kernel_size), strides=(stride, stride),
-        padding=((padding, padding), (padding, padding)),
-        kernel_dilation=(dilation, dilation), feature_group_count=groups, use_bias=bias,
-        dtype=dtype, param_dtype=param_dtype,
-        kernel_init=nn.with_logical_partitioning(conv_kernel_init, CONV_AXES),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, CONV_AXES[-1:]),
-        name=name)
+    features: int
+    kernel_size: int
+    stride: int = 1
+    padding: int = 0
+    dilation: int = 1
+    groups: int = 1
+    use_bias: bool = False
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        channels = x.shape[-1]
+        if channels % self.groups:
+            raise ValueError(f'{self.name}: {channels} input channels do not split into '
+                             f'groups={self.groups}')
+        k = self.kernel_size
+        kernel = self.param('kernel', nn.with_logical_partitioning(conv_kernel_init, CONV_AXES),
+                            (k, k, channels // self.groups, self.features), self.param_dtype)
+        x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+        pad = ((self.padding, self.padding), (self.padding, self.padding))
+        y = conv_lib.conv2d(x, kernel, (self.stride, self.stride), pad,
+                            (self.dilation, self.dilation), self.groups)
+        if self.use_bias:
+            bias = self.param('bias', nn.with_logical_partitioning(nn.initializers.zeros,
+                                                                   CONV_AXES[-1:]),
+                              (self.features,), self.param_dtype)
+            y = y + bias.astype(self.dtype)
+        return y
+
+
+def conv2d(features: int, kernel_size: int, *, stride: int = 1, padding: int = 0,
+           dilation: int = 1, groups: int = 1, bias: bool = False, dtype: Dtype = jnp.float32,
+           param_dtype: Dtype = jnp.float32, name: str | None = None) -> Conv2D:
+    """:class:`Conv2D` with the keyword names the hosts use (``bias`` for ``use_bias``)."""
+    return Conv2D(features, kernel_size, stride=stride, padding=padding, dilation=dilation,
+                  groups=groups, use_bias=bias, dtype=dtype, param_dtype=param_dtype, name=name)
 
 
 def dense(features: int, *, dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,

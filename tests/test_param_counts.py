@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import aff_jax
-from torch_ref.official import PRESETS as OFFICIAL, build_official, count_trainable
+from aff_jax.reference.official import PRESETS as OFFICIAL, build_official, count_trainable
 from aff_jax.reference.torch_port import PRESETS as PORT, build_port
 
 

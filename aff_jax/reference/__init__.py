@@ -1,4 +1,5 @@
 """Reference implementations in other frameworks, for parity checks and the compare tool.
 
-``torch_port``: the PyTorch port's architecture (needs the ``torch`` extra).
+``torch_port``: the PyTorch port's architecture; ``official``: a PyTorch translation of the
+official MXNet/Gluon presets (parameter counts, benchmarks). Both need the ``torch`` extra.
 """

@@ -1,0 +1,123 @@
+"""The convolution with GEMM weight gradients (aff_jax.conv) against XLA's own convolution."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from aff_jax import conv as conv_lib
+from aff_jax.layers import Conv2D
+
+CASES = {  # kernel, stride, padding, dilation, groups, C_in, C_out
+    '3x3': (3, 1, ((1, 1), (1, 1)), 1, 1, 8, 12),
+    '3x3 stride 2': (3, 2, ((1, 1), (1, 1)), 1, 1, 8, 12),
+    '3x3 dilation 2': (3, 1, ((2, 2), (2, 2)), 2, 1, 8, 12),
+    '3x3 groups 4 stride 2': (3, 2, ((1, 1), (1, 1)), 1, 4, 8, 12),
+    'depthwise': (3, 1, ((1, 1), (1, 1)), 1, 8, 8, 8),
+    '1x1 (dot)': (1, 1, ((0, 0), (0, 0)), 1, 1, 8, 12),
+    '1x1 stride 2 (dot)': (1, 2, ((0, 0), (0, 0)), 1, 1, 8, 12),
+    '1x1 padded': (1, 1, ((1, 1), (1, 1)), 1, 1, 8, 12),
+    '7x7 stride 2 stem': (7, 2, ((3, 3), (3, 3)), 1, 1, 3, 8),
+    'asymmetric padding, dilation and stride 2, groups 2': (3, 2, ((0, 1), (2, 1)), 2, 2, 8, 6),
+    '2x3 kernel, unequal strides': ((2, 3), (2, 1), ((1, 0), (1, 1)), (1, 2), 1, 4, 5),
+}
+
+
+def _pair(v):
+    return v if isinstance(v, tuple) else (v, v)
+
+
+def _xla(x, w, stride, padding, dilation, groups):
+    return lax.conv_general_dilated(x, w, stride, padding, rhs_dilation=dilation,
+                                    dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+                                    feature_group_count=groups)
+
+
+@pytest.mark.parametrize('case', list(CASES))
+def test_value_and_gradients_equal_xla(case):
+    kernel, stride, padding, dilation, groups, cin, cout = CASES[case]
+    kernel, stride, dilation = _pair(kernel), _pair(stride), _pair(dilation)
+    kx, kw, kg = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.normal(kx, (3, 11, 10, cin))
+    w = jax.random.normal(kw, (*kernel, cin // groups, cout))
+    out = _xla(x, w, stride, padding, dilation, groups)
+    # A random cotangent, so that every output position weighs differently.
+    g = jax.random.normal(kg, out.shape)
+
+    def loss(f):
+        return lambda x, w: jnp.vdot(f(x, w, stride, padding, dilation, groups), g)
+
+    ours = jax.jit(lambda x, w: conv_lib.conv2d(x, w, stride, padding, dilation, groups))(x, w)
+    np.testing.assert_allclose(ours, out, rtol=1e-5, atol=1e-5 * float(jnp.abs(out).max()))
+    dx, dw = jax.jit(jax.grad(loss(conv_lib.conv2d), (0, 1)))(x, w)
+    dx_ref, dw_ref = jax.grad(loss(_xla), (0, 1))(x, w)
+    for got, want in ((dx, dx_ref), (dw, dw_ref)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()))
+
+
+def test_weight_gradient_against_numpy_loops():
+    """The GEMM weight gradient against the definition, written as loops in float64."""
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((2, 7, 6, 4))
+    stride, padding, dilation, groups = (2, 1), ((1, 2), (0, 1)), (2, 1), 2
+    kh, kw, cout = 3, 2, 6
+    h_out = (7 + 3 - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    w_out = (6 + 1 - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    g = rng.standard_normal((2, h_out, w_out, cout))
+    xp = np.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
+    cin_g, cout_g = 4 // groups, cout // groups
+    want = np.zeros((kh, kw, cin_g, cout))
+    for i in range(kh):
+        for j in range(kw):
+            for o in range(cout):
+                group = o // cout_g
+                for c in range(cin_g):
+                    for a in range(h_out):
+                        for b in range(w_out):
+                            want[i, j, c, o] += np.sum(
+                                xp[:, a * stride[0] + i * dilation[0],
+                                   b * stride[1] + j * dilation[1], group * cin_g + c]
+                                * g[:, a, b, o])
+    got = conv_lib.weight_gradient(jnp.asarray(x, jnp.float32), jnp.asarray(g, jnp.float32),
+                                   (kh, kw, cin_g, cout), stride, padding, dilation, groups)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_bfloat16_gradients_keep_the_kernel_dtype():
+    x = jax.random.normal(jax.random.key(0), (2, 8, 8, 4), jnp.bfloat16)
+    w = jax.random.normal(jax.random.key(1), (3, 3, 4, 4), jnp.bfloat16)
+    pad = ((1, 1), (1, 1))
+    dw = jax.grad(lambda w: conv_lib.conv2d(x, w, (1, 1), pad).astype(jnp.float32).sum())(w)
+    dw_ref = jax.grad(lambda w: _xla(x.astype(jnp.float32), w.astype(jnp.float32), (1, 1), pad,
+                                     (1, 1), 1).sum())(w)
+    assert dw.dtype == jnp.bfloat16
+    np.testing.assert_allclose(dw.astype(jnp.float32), dw_ref, rtol=2e-2, atol=0.05)
+
+
+def test_bad_input_names_the_problem():
+    x = jnp.zeros((1, 8, 8, 6))
+    with pytest.raises(ValueError, match='6 channels'):
+        conv_lib.conv2d(x, jnp.zeros((3, 3, 4, 4)), padding=((1, 1), (1, 1)))
+    with pytest.raises(ValueError, match='non-negative'):
+        conv_lib.conv2d(x, jnp.zeros((3, 3, 6, 4)), padding=((-1, 1), (1, 1)))
+    with pytest.raises(ValueError, match='groups=4'):
+        Conv2D(8, 3, groups=4, name='conv').init(jax.random.key(0), x)
+
+
+def test_module_parameters_match_flax_conv():
+    """Conv2D keeps nn.Conv's parameter names, shapes and initial values (checkpoints and
+    converted weights depend on them) and computes the same function."""
+    import flax.linen as nn
+    from aff_jax.layers import conv_kernel_init
+
+    x = jax.random.normal(jax.random.key(2), (2, 9, 9, 8))
+    ours = Conv2D(16, 3, stride=2, padding=1, groups=2, use_bias=True)
+    flax_conv = nn.Conv(16, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)),
+                        feature_group_count=2, kernel_init=conv_kernel_init)
+    variables = ours.init(jax.random.key(3), x)
+    reference = flax_conv.init(jax.random.key(3), x)
+    params = nn.unbox(variables)['params']
+    assert jax.tree.map(jnp.shape, params) == jax.tree.map(jnp.shape, reference['params'])
+    np.testing.assert_array_equal(params['kernel'], reference['params']['kernel'])
+    np.testing.assert_allclose(ours.apply(variables, x), flax_conv.apply(reference, x),
+                               rtol=1e-5, atol=1e-5)
