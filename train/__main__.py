@@ -14,8 +14,8 @@ import sys
 from absl import app, flags, logging
 
 from aff_jax.training import distributed, loop
-from aff_jax.training.config import apply_overrides, load_config
-from aff_jax.training.errors import ConfigError, RunError
+from aff_jax.training.config import load_with_overrides, split_overrides
+from aff_jax.training.errors import RunError
 
 _CONFIG = flags.DEFINE_string('config', None, 'training config file, configs/NAME.py, or '
                               'configs/NAME.py:ARG for get_config(ARG)')
@@ -30,39 +30,6 @@ _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'number of processe
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'index of this process')
 _VERBOSE = flags.DEFINE_bool('verbose', False, 'show the traceback behind a one-line error')
 flags.mark_flags_as_required(['config', 'workdir'])
-
-OVERRIDE_PREFIX = '--config.'
-
-
-def split_overrides(argv: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
-    """``argv`` without its ``--config.KEY=VALUE`` arguments, and those as ``(KEY, VALUE)``.
-
-    They are applied by ``config.apply_overrides`` rather than by absl, whose errors for an
-    unknown key run to dozens of lines and which cannot add ``model_overrides`` keys.
-    """
-    rest, overrides = [], []
-    for arg in argv:
-        if not arg.startswith(OVERRIDE_PREFIX):
-            rest.append(arg)
-            continue
-        key, equals, value = arg[len(OVERRIDE_PREFIX):].partition('=')
-        overrides.append((key, value if equals else None))
-    return rest, overrides
-
-
-def _load(path: str, overrides: list[tuple[str, str]]):
-    file, colon, arg = path.partition('.py:')
-    file = file + '.py' if colon else path
-    try:
-        config = load_config(file, *([arg] if colon else []))
-    except FileNotFoundError as e:
-        raise ConfigError(f'--config: {e}') from e
-    for key, value in overrides:
-        if value is None:
-            raise ConfigError(f'--config.{key} needs a value: --config.{key}=VALUE')
-    apply_overrides(config, overrides)
-    return config
-
 
 class _BackgroundErrors(std_logging.Filter):
     """Drops the errors Orbax's writer threads (and their asyncio tasks) log with tracebacks:
@@ -93,7 +60,7 @@ def main(argv, overrides):
         logging.get_absl_handler().addFilter(_BackgroundErrors())
         sys.unraisablehook = _quiet_closed_loop(sys.unraisablehook)
     try:
-        config = _load(_CONFIG.value, overrides)
+        config = load_with_overrides(_CONFIG.value, overrides)
         if _DISTRIBUTED.value:
             loop.check_config(config)
             distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,

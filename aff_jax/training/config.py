@@ -19,6 +19,7 @@ from ml_collections import config_dict
 from aff_jax.training.errors import ConfigError
 
 OPEN_KEYS = ('model_overrides',)  # sub-dicts that take new keys from the command line
+OVERRIDE_PREFIX = '--config.'
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -112,6 +113,44 @@ def load_config(path: str | pathlib.Path, *args: str) -> ml_collections.ConfigDi
     return module.get_config(*args)
 
 
+def split_overrides(argv: list[str]) -> tuple[list[str], list[tuple[str, str | None]]]:
+    """``argv`` without its ``--config.KEY=VALUE`` arguments, and those as ``(KEY, VALUE)``
+    (VALUE None for a bare ``--config.KEY``).
+
+    They are applied by ``apply_overrides`` rather than by absl, whose errors for an unknown
+    key run to dozens of lines and which cannot add ``model_overrides`` keys.
+    """
+    rest, overrides = [], []
+    for arg in argv:
+        if not arg.startswith(OVERRIDE_PREFIX):
+            rest.append(arg)
+            continue
+        key, equals, value = arg[len(OVERRIDE_PREFIX):].partition('=')
+        overrides.append((key, value if equals else None))
+    return rest, overrides
+
+
+def load_with_overrides(spec: str, overrides: list[tuple[str, str | None]]
+                        ) -> ml_collections.ConfigDict:
+    """The config of ``--config=SPEC`` with ``overrides`` (from ``split_overrides``) applied.
+
+    SPEC is ``PATH.py`` (``get_config()``) or ``PATH.py:ARG`` (``get_config(ARG)``). Raises
+    ConfigError naming the option or key: no such file, an override without a value, and what
+    ``apply_overrides`` rejects.
+    """
+    file, colon, arg = spec.partition('.py:')
+    file = file + '.py' if colon else spec
+    try:
+        config = load_config(file, *([arg] if colon else []))
+    except FileNotFoundError as e:
+        raise ConfigError(f'--config: {e}') from e
+    for key, value in overrides:
+        if value is None:
+            raise ConfigError(f'--config.{key} needs a value: --config.{key}=VALUE')
+    apply_overrides(config, overrides)
+    return config
+
+
 def apply_overrides(config: ml_collections.ConfigDict, overrides: list[tuple[str, str]]) -> None:
     """Set ``config[KEY] = VALUE`` for each ``(KEY, VALUE text)`` of ``--config.KEY=VALUE``.
 
@@ -155,10 +194,14 @@ def _parse_value(key: str, text: str, wanted: type | None):
 
 
 def _unknown_key(config: ml_collections.ConfigDict, key: str):
-    known = list(_flat_keys(config))
-    close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
-    hint = f'; did you mean {" or ".join(close)}?' if close else '; see aff_jax/training/config.py'
-    raise ConfigError(f'config.{key}: unknown config key{hint}')
+    raise ConfigError(f'config.{key}: unknown config key{unknown_key_hint(config, key)}')
+
+
+def unknown_key_hint(config: ml_collections.ConfigDict, key: str) -> str:
+    """``'; did you mean A or B?'`` with the (dotted) keys of ``config`` closest to ``key``, or
+    a pointer to the list of keys when none is close."""
+    close = difflib.get_close_matches(key, list(_flat_keys(config)), n=3, cutoff=0.6)
+    return f'; did you mean {" or ".join(close)}?' if close else '; see aff_jax/training/config.py'
 
 
 def _flat_keys(config: ml_collections.ConfigDict, prefix: str = ''):
