@@ -162,3 +162,19 @@ def test_resuming_with_another_model_is_a_one_line_error(uninterrupted, tmp_path
     [line] = stderr.strip().splitlines()
     assert line.startswith(f'error: cannot resume from the checkpoint at step {STEPS}'), line
     assert 'model_overrides.channels: [8, 8, 16, 32] -> [8, 8, 16, 64]' in line
+
+
+def test_a_run_killed_in_its_final_evaluation_writes_it_when_rerun(uninterrupted, tmp_path,
+                                                                   image_folder, train_env):
+    """The last checkpoint was complete but the process died evaluating: the rerun has nothing
+    to train, evaluates and writes the missing final row (sweeps rely on it to call a run done)."""
+    workdir = tmp_path / 'no_final_eval'
+    shutil.copytree(uninterrupted[0], workdir)
+    metrics = workdir / 'metrics.jsonl'
+    lines = metrics.read_text().splitlines(keepends=True)
+    assert '"eval/accuracy"' in lines[-1] and f'"step": {STEPS}' in lines[-1]
+    metrics.write_text(''.join(lines[:-1]))
+    process = run_train(workdir, _overrides(image_folder), train_env)
+    _, stderr = process.communicate(timeout=600)
+    assert process.returncode == 0, stderr[-3000:]
+    assert metric_rows(workdir) == metric_rows(uninterrupted[0])

@@ -11,6 +11,7 @@ when it cannot be, removed), grain workers stop, the handlers and the lock are r
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import os
@@ -247,7 +248,8 @@ def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> RunResult:
         final = None
         if not exit_code:
             final = evaluate(exp, eval_step, state, eval_data)
-            if start < config.num_train_steps:
+            # Also when resuming a finished run whose final evaluation was interrupted.
+            if not _has_eval_row(workdir, config.num_train_steps):
                 writer.write(config.num_train_steps, _eval_row(final))
             if exp.task.name == 'segmentation':
                 _write_predictions(exp, state, shardings, eval_data, workdir / PREDICTIONS_FILE,
@@ -302,11 +304,11 @@ def _short_reason(error: Exception, limit: int = 200) -> str:
     return text if len(text) <= limit else text[:limit] + '...'
 
 
-def _check_finite(state: state_lib.TrainState, step: int, checkpointer: Checkpointer,
+def _check_finite(nonfinite_step: jax.Array, step: int, checkpointer: Checkpointer,
                   config: ml_collections.ConfigDict) -> None:
-    """Raise Diverged if a non-finite update was applied up to ``step``. One scalar read, at
-    steps that wait for the device anyway (log, evaluation, checkpoint)."""
-    bad = int(state.nonfinite_step)
+    """Raise Diverged if a non-finite update was applied up to ``step`` (``nonfinite_step``:
+    the state's flag, 0 if none). One scalar read, at steps that wait for the device anyway."""
+    bad = int(nonfinite_step)
     if not bad:
         return
     saved = checkpointer.newest_step()
@@ -319,38 +321,67 @@ def _check_finite(state: state_lib.TrainState, step: int, checkpointer: Checkpoi
         f'updates')
 
 
+def _device_batches(batches: Iterator[dict[str, np.ndarray]], sharding, global_batch: int,
+                    ahead: int = 2) -> Iterator[dict[str, jax.Array]]:
+    """The batches as global device arrays, ``ahead`` batches before the step that takes them,
+    so that their host-to-device copies overlap the steps running on the device."""
+    queue: collections.deque = collections.deque()
+    for batch in batches:
+        queue.append(_to_global(batch, sharding, global_batch))
+        if len(queue) > ahead:
+            yield queue.popleft()
+    yield from queue
+
+
 def _train(exp: Experiment, state: state_lib.TrainState, train_iter: Iterator, train_step,
            eval_step, eval_data, checkpointer: Checkpointer, writer: MetricsWriter,
            signals: StopSignals) -> tuple[state_lib.TrainState, int]:
     """Steps ``state.step + 1 .. num_train_steps``; returns the state and 0, or the exit code
     of the signal (or preemption notice) that stopped it early, after a checkpoint of the
-    step it reached. Raises Diverged before logging or checkpointing a non-finite state."""
+    step it reached. Raises Diverged before logging or checkpointing a non-finite state.
+
+    A log step's metrics are read after the next step has been dispatched (the device is
+    never left idle waiting for the host to write them); evaluation and checkpoint steps
+    wait for the device anyway and write theirs at once.
+    """
     config = exp.config
-    batch_sharding = mesh_lib.batch_sharding(exp.mesh)
+    batches = _device_batches(train_iter, mesh_lib.batch_sharding(exp.mesh), config.batch_size)
     config_dict = config.to_dict()
     exit_code = 0
+    pending = None  # (step, metrics) of a log step not written yet
+
+    def write_pending():
+        logged_step, metrics = pending
+        metrics = dict(metrics)
+        _check_finite(metrics.pop(steps.NONFINITE_STEP), logged_step, checkpointer, config)
+        # The logged values are those of this one step, so that a run resumed at any step
+        # logs exactly what the uninterrupted run did.
+        values = {name: float(value) for name, value in metrics.items()}
+        writer.write(logged_step, values)
+        bar.show({name: values[name] for name in ('train/loss', 'train/accuracy')})
+
     with contextlib.closing(ProgressBar(config.num_train_steps, int(state.step),
                                         enabled=writer.enabled)) as bar:
         for step in range(int(state.step) + 1, config.num_train_steps + 1):
-            state, metrics = train_step(
-                state, _to_global(next(train_iter), batch_sharding, config.batch_size))
+            state, metrics = train_step(state, next(batches))
             bar.advance()
+            if pending is not None:
+                write_pending()
+                pending = None
             if checkpointer.preempted(step):
                 exit_code = 143
             elif signals.received:
                 exit_code = signals.exit_code
             last = step == config.num_train_steps
-            log = step % config.log_every_steps == 0 or last
+            if step % config.log_every_steps == 0 or last:
+                pending = (step, metrics)
             evaluate_now = step % config.eval_every_steps == 0 and not last
             save = bool(exit_code) or last or checkpointer.should_save(step)
-            if log or evaluate_now or save:
-                _check_finite(state, step, checkpointer, config)
-            # The logged values are those of this one step, so that a run resumed at any step
-            # logs exactly what the uninterrupted run did.
-            if log:
-                values = {name: float(value) for name, value in metrics.items()}
-                writer.write(step, values)
-                bar.show({name: values[name] for name in ('train/loss', 'train/accuracy')})
+            if evaluate_now or save:
+                if pending is not None:
+                    write_pending()
+                    pending = None
+                _check_finite(state.nonfinite_step, step, checkpointer, config)
             if evaluate_now:
                 values = _eval_row(evaluate(exp, eval_step, state, eval_data))
                 writer.write(step, values)
@@ -360,6 +391,11 @@ def _train(exp: Experiment, state: state_lib.TrainState, train_iter: Iterator, t
             if exit_code:
                 break
     return state, exit_code
+
+
+def _has_eval_row(workdir: pathlib.Path, step: int) -> bool:
+    return any(row['step'] == step and any(name.startswith('eval/') for name in row)
+               for row in read_metrics(workdir / METRICS_FILE))
 
 
 def _eval_row(values: dict[str, float]) -> dict[str, float]:

@@ -22,6 +22,9 @@ from aff_jax.training.tasks import Task, cross_entropy
 
 Batch = dict[str, jax.Array]
 
+# The train step's metric that is read, not logged: the first non-finite step so far (0: none).
+NONFINITE_STEP = 'nonfinite_step'
+
 
 def mixup(images: jax.Array, targets: jax.Array, lam: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Blend each example with the one at the mirrored batch position, as the official script.
@@ -61,7 +64,9 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
     Mixup (``mixup_alpha > 0``) draws one ``lam ~ Beta(alpha, alpha)`` per step and is off for
     the last ``mixup_off_steps`` steps. ``train/accuracy`` compares the argmax with the
     unmixed labels. Metrics are float32 scalars: ``train/loss``, ``train/accuracy``,
-    ``train/learning_rate`` (and ``train/skipped_updates`` with ``skip_nonfinite_updates``).
+    ``train/learning_rate`` (and ``train/skipped_updates`` with ``skip_nonfinite_updates``),
+    plus ``NONFINITE_STEP`` (int32, not logged): ``state.nonfinite_step`` after the step, a copy
+    the caller can read after the state itself has been donated to the next step.
 
     Divergence is tracked on device, without a host sync: a step whose loss or gradients are
     not all finite sets ``state.nonfinite_step`` (the first such step) or, with
@@ -114,6 +119,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
         }
         if config.skip_nonfinite_updates:
             metrics['train/skipped_updates'] = skipped.astype(jnp.float32)
+        metrics[NONFINITE_STEP] = nonfinite_step
         return new_state, metrics
 
     replicated = NamedSharding(batch_sharding.mesh, jax.sharding.PartitionSpec())
