@@ -10,6 +10,8 @@ import sys
 
 import tqdm
 
+from aff_jax.training.tensorboard import EventWriter
+
 METRICS_FILE = 'metrics.jsonl'
 TENSORBOARD_DIR = 'tensorboard'
 
@@ -36,18 +38,14 @@ class MetricsWriter:
         self.path = workdir / METRICS_FILE
         kept = [row for row in read_metrics(self.path) if row['step'] <= start_step]
         self.path.write_text(''.join(json.dumps(row) + '\n' for row in kept))
-        # Imported here: tensorboardX imports PyTorch when it is installed (seconds), which a
-        # run that stops at a config error, or a process that does not write, need not pay.
-        from tensorboardX import SummaryWriter
-        self.tensorboard = SummaryWriter(str(workdir / TENSORBOARD_DIR), purge_step=start_step)
+        self.tensorboard = EventWriter(workdir / TENSORBOARD_DIR, purge_step=start_step)
 
     def write(self, step: int, values: dict[str, float]) -> None:
         if not self.enabled:
             return
         with self.path.open('a') as f:
             f.write(json.dumps({'step': step, **values}) + '\n')
-        for name, value in values.items():
-            self.tensorboard.add_scalar(name, value, step)
+        self.tensorboard.scalars(step, values)
 
     def close(self) -> None:
         if self.enabled:

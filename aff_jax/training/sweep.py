@@ -33,7 +33,6 @@ import pathlib
 import re
 import shlex
 import signal
-import struct
 import subprocess
 import sys
 import textwrap
@@ -48,7 +47,7 @@ import ml_collections
 import numpy as np
 from matplotlib.figure import Figure
 
-from aff_jax.training import loop, summary
+from aff_jax.training import loop, summary, tensorboard
 from aff_jax.training.config import OPEN_KEYS, base_config, changed_keys, unknown_key_hint
 from aff_jax.training.errors import ConfigError, RunError
 from aff_jax.training.metrics import METRICS_FILE, TENSORBOARD_DIR, read_metrics
@@ -381,66 +380,11 @@ def images_per_second(directory: pathlib.Path, batch_size: int) -> float | None:
     hold an evaluation or a checkpoint. None with fewer than two logs in every attempt."""
     rates = []
     for path in sorted((directory / TENSORBOARD_DIR).glob('events.out.tfevents.*')):
-        logs = [(step, wall_time) for step, wall_time, tags in _events(path)
-                if _THROUGHPUT_TAG in tags]
+        logs = [(event.step, event.wall_time) for event in tensorboard.read_events(path)
+                if _THROUGHPUT_TAG in event.scalars]
         rates += [batch_size * (s1 - s0) / (t1 - t0)
                   for (s0, t0), (s1, t1) in zip(logs, logs[1:]) if s1 > s0 and t1 > t0]
     return float(np.median(rates)) if rates else None
-
-
-def _events(path: pathlib.Path) -> Iterator[tuple[int, float, set[str]]]:
-    """``(step, wall time, scalar tags)`` of each record of a TensorBoard event file.
-
-    Decoded here (TFRecord framing, then the few protobuf fields of ``Event``: 1 wall_time,
-    2 step, 5 summary, whose field 1 values have field 1 tag) because tensorboardX's own
-    classes import PyTorch when it is installed, seconds for a few numbers.
-    """
-    data = path.read_bytes()
-    offset = 0
-    while offset + 12 <= len(data):  # length (8 bytes), its CRC (4), record, its CRC (4)
-        (length,) = struct.unpack_from('<Q', data, offset)
-        record = data[offset + 12:offset + 12 + length]
-        offset += 16 + length
-        if offset > len(data):  # the record a running writer has not finished
-            return
-        event = _proto_fields(record)
-        values = _proto_fields(event[5][0]).get(1, []) if 5 in event else []
-        tags = {_proto_fields(value).get(1, [b''])[0].decode() for value in values}
-        wall_time = struct.unpack('<d', event[1][0])[0] if 1 in event else 0.0
-        yield event.get(2, [0])[0], wall_time, tags
-
-
-def _proto_fields(message: bytes) -> dict[int, list]:
-    """Field number -> values of a serialized protobuf message: ints for varints, bytes for
-    the other wire types (64-bit, length-delimited, 32-bit)."""
-    fields: dict[int, list] = {}
-    i = 0
-    while i < len(message):
-        key, i = _varint(message, i)
-        number, wire = key >> 3, key & 7
-        if wire == 0:
-            value, i = _varint(message, i)
-        elif wire == 2:
-            size, i = _varint(message, i)
-            value, i = message[i:i + size], i + size
-        elif wire in (1, 5):
-            size = 8 if wire == 1 else 4
-            value, i = message[i:i + size], i + size
-        else:
-            raise ValueError(f'unsupported protobuf wire type {wire}')
-        fields.setdefault(number, []).append(value)
-    return fields
-
-
-def _varint(data: bytes, i: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        byte = data[i]
-        i += 1
-        value |= (byte & 0x7F) << shift
-        shift += 7
-        if byte < 0x80:
-            return value, i
 
 
 def model_size(config: ml_collections.ConfigDict) -> tuple[int, float]:
