@@ -1,8 +1,11 @@
 """Attentional feature fusion (MS-CAM, AFF, iAFF) and the fusion baselines the paper compares.
 
 Notation (paper, section 3-4): ``X``, ``Y`` are the two NHWC feature maps to fuse, of equal
-shape ``(N, H, W, C)``; ``Z`` is the fused output of the same shape. A *context* maps its input
-to attention logits:
+shape ``(N, H, W, C)``; ``Z`` is the fused output of the same shape. In the paper's roles ``Y``
+is the map with the larger receptive field: short skip X = identity, Y = residual; long skip
+X = low-level, Y = high-level; same layer X = small kernel, Y = large kernel (the hosts hand
+``(X, Y)`` in that order; the official presets keep the official code's order, see
+``aff_jax.models.residual.short_skip_pair``). A *context* maps its input to attention logits:
 
 * local context ``L(z)``: 1x1 conv C_in->C/r (+bias) -> BN -> ReLU -> 1x1 conv C/r->C (+bias) -> BN,
   evaluated per pixel: ``(N, H, W, C_in) -> (N, H, W, C)`` (paper eq. 2);
@@ -32,10 +35,9 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax.typing import Dtype
 
 from aff_jax.layers import BatchNorm, StatsRule, check_nhwc, conv2d, global_avg_pool
-
-Dtype = Any
 
 
 def _inter_channels(channels: int, r: int) -> int:
@@ -130,7 +132,7 @@ class GatedFusion(_FusionBase):
     ``context``: the contexts summed into the gate logits ('local' / 'global', repeats allowed).
     ``gate_on``: what the context sees: 'x', 'y', 'sum' (X + Y) or 'concat' ([X, Y], 2C channels).
     ``combine``: 'select' ``scale * (M*X + (1-M)*Y)``, 'modulate' ``M*X + Y`` or
-    'refine' ``X + M*Y``.
+    'refine' ``X + M*Y`` (``scale`` other than 1 is an error for these two).
 
     Every scheme below fixes these three; call ``(x, y, train)`` with x, y of shape
     (N, H, W, C); returns (N, H, W, C).
@@ -143,6 +145,9 @@ class GatedFusion(_FusionBase):
     @nn.compact
     def __call__(self, x: jax.Array, y: jax.Array, train: bool) -> jax.Array:
         _check_pair(x, y)
+        if self.combine != 'select' and self.scale != 1.0:
+            raise ValueError(f"scale applies to combine='select' only; {type(self).__name__} "
+                             f"combines by {self.combine!r}, got scale={self.scale}")
         inputs = {'x': lambda: x, 'y': lambda: y, 'sum': lambda: x + y,
                   'concat': lambda: jnp.concatenate([x, y], axis=-1)}
         if self.gate_on not in inputs:
@@ -228,6 +233,20 @@ class MSSA(SA):
     context: tuple[str, ...] = ('local', 'global')
 
 
+class MSModulateSum(GatedFusion):
+    """Modulation with AFF's gate (Table 4, fully context-aware modulation):
+    ``Z = M(X+Y)*X + Y``, ``M = sigmoid(L(X+Y) + G(X+Y))``: AFF's context, but Y passes
+    ungated instead of being weighted by ``1 - M``."""
+    combine: str = 'modulate'
+
+
+class MSRefineSum(GatedFusion):
+    """Refinement with AFF's gate (Table 4, fully context-aware refinement):
+    ``Z = X + M(X+Y)*Y``, ``M = sigmoid(L(X+Y) + G(X+Y))``: AFF's context, but X passes
+    ungated instead of being weighted by ``M``."""
+    combine: str = 'refine'
+
+
 class IAFF(_FusionBase):
     """Iterative AFF, paper eq. 5 then eq. 4:
     ``X (+) Y = M1(X+Y)*X + (1 - M1(X+Y))*Y`` (initial integration, MS-CAM ``local_att``/``global_att``),
@@ -301,6 +320,8 @@ _SCHEMES: dict[str, type[nn.Module]] = {
     'ms_se': MSSE,
     'ms_gau': MSGAU,
     'ms_sa': MSSA,
+    'ms_modulate_sum': MSModulateSum,
+    'ms_refine_sum': MSRefineSum,
     'aff_global_global': AFFGlobalGlobal,
     'aff_local_local': AFFLocalLocal,
     'aff': AFF,

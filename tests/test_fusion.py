@@ -104,6 +104,10 @@ SCHEMES = {
                lambda ref, x, y: ref.gate(y, 'local_att', 'global_att') * x + y),
     'ms_sa': ({'local_att': 2, 'global_att': 2},
               lambda ref, x, y: ref.gate(cat(x, y), 'local_att', 'global_att') * x + y),
+    'ms_modulate_sum': ({'local_att': 1, 'global_att': 1},
+                        lambda ref, x, y: ref.gate(x + y, 'local_att', 'global_att') * x + y),
+    'ms_refine_sum': ({'local_att': 1, 'global_att': 1},
+                      lambda ref, x, y: x + ref.gate(x + y, 'local_att', 'global_att') * y),
     'aff_global_global': ({'global_att': 1, 'global_att2': 1},
                           lambda ref, x, y: select(ref.gate(x + y, 'global_att', 'global_att2'),
                                                   x, y)),
@@ -121,7 +125,8 @@ WITH_GLOBAL = [n for n, (branches, _) in SCHEMES.items() if any('global' in b fo
 DOC_TOKENS = {
     'se': 'X+G(Y)*Y', 'gau': 'G(Y)*X+Y', 'highway': 'G(X)*X+(1-G(X))*Y', 'sa': 'G(X,Y)*X+Y',
     'sk': 'G(X+Y)*X+(1-G(X+Y))*Y', 'ms_se': 'X+M(Y)*Y', 'ms_gau': 'M(Y)*X+Y',
-    'ms_sa': 'M(X,Y)*X+Y', 'aff_global_global': 'G2(X+Y)', 'aff_local_local': 'L2(X+Y)',
+    'ms_sa': 'M(X,Y)*X+Y', 'ms_modulate_sum': 'M(X+Y)*X+Y', 'ms_refine_sum': 'X+M(X+Y)*Y',
+    'aff_global_global': 'G2(X+Y)', 'aff_local_local': 'L2(X+Y)',
     'aff': 'L(X+Y)+G(X+Y)', 'iaff': 'M2(', 'add': 'X+Y', 'concat': '[X,Y]',
 }
 
@@ -199,8 +204,8 @@ def test_scheme_matches_numpy_formula(name):
     check_against_reference(module, SCHEMES[name][1], setup(module, x, y), x, y)
 
 
-def test_names_cover_the_api():
-    assert set(SCHEMES) <= set(fusion.names())
+def test_every_registered_scheme_is_checked_here():
+    assert set(SCHEMES) == set(fusion.names())
 
 
 @pytest.mark.parametrize('name', sorted(SCHEMES))
@@ -321,3 +326,11 @@ def test_mscam_batch_of_one_in_train_mode_raises():
 def test_docstring_states_formula(name):
     doc = type(make(name)).__doc__ or ''
     assert DOC_TOKENS[name] in re.sub(r'[\s`]', '', doc), doc
+
+
+@pytest.mark.parametrize('name', ['se', 'gau', 'sa', 'ms_modulate_sum', 'ms_refine_sum'])
+def test_scale_of_a_scheme_that_does_not_select_is_an_error(name):
+    """scale only weighs a soft selection; elsewhere it would be silently ignored."""
+    x, y = inputs(8)
+    with pytest.raises(ValueError, match=r"scale applies to combine='select' only.*scale=2\.0"):
+        make(name, scale=2.0).init(jax.random.key(0), x, y, False)
