@@ -2,8 +2,9 @@
 
 X is the low-level map (fine, few channels of early layers), Y the high-level one (coarse,
 larger receptive field): the paper's roles. Both are brought to X's size and a common width,
-then any fusion scheme combines them. With ``fusion='add'`` it is exactly the top-down merge of
-a plain FPN (Lin et al., 2017): ``lateral(X) + upsample(Y)``.
+then any fusion scheme combines them, called as ``fusion(X, Y)`` (no official long-skip code
+exists whose argument order would need keeping). With ``fusion='add'`` it is exactly the
+top-down merge of a plain FPN (Lin et al., 2017): ``lateral(X) + upsample(Y)``.
 """
 from __future__ import annotations
 
@@ -12,12 +13,11 @@ from typing import Any, Mapping
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax.typing import Dtype
 
 from aff_jax import fusion as fusion_lib
 from aff_jax import layers
 from aff_jax.layers import StatsRule, conv2d
-
-Dtype = Any
 
 
 class LongSkipFusion(nn.Module):

@@ -62,6 +62,8 @@ def test_feature_info_of_known_hosts():
         (64, 1, 'features.2'), (128, 2, 'features.3'), (256, 4, 'features.5')]
     assert [i.module for i in feature_info('aff_resnext50_32x4d')] == [
         'features.10', 'features.11', 'features.12', 'features.13']
+    assert [(i.channels, i.reduction, i.module) for i in feature_info(
+        'cifar_inception_resnet20')] == [(16, 1, 'stage1'), (32, 2, 'stage2'), (64, 4, 'final_bn')]
 
 
 def test_out_indices_pick_stages_and_bad_ones_are_named():

@@ -22,7 +22,7 @@ API_MODELS = {
     'cifar_aff_resnext47_32x4d', 'aff_resnet50', 'iaff_resnet50', 'aff_resnext50_32x4d',
     'iaff_resnext50_32x4d', 'tv_resnet18', 'tv_resnet34', 'tv_resnet50', 'tv_resnet101',
     'tv_resnet152', 'tv_resnext50_32x4d', 'tv_resnext101_32x8d', 'tv_wide_resnet50_2',
-    'tv_wide_resnet101_2',
+    'tv_wide_resnet101_2', 'cifar_inception_resnet20',
 }
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CIFAR_WIDTHS = (64, 128, 256)  # one block per stage with layers=(1, 1, 1)

@@ -7,59 +7,60 @@ Names mirror the Gluon attributes (``features.<i>``, ``resfwd.<i>``, ``downsampl
 from __future__ import annotations
 
 import functools
-import itertools
 from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax.typing import Dtype
 
 from aff_jax.fusion import FusionFactory
-from aff_jax.layers import BatchNorm, StatsRule, check_nhwc, conv2d
+from aff_jax.layers import StatsRule, check_nhwc
 from aff_jax.models.features import head_or_features
-from aff_jax.models.residual import Scope, Shortcut, Stage, stage_fusion
-
-Dtype = Any
+from aff_jax.models.residual import (ConvDef, NormDef, Scope, SequentialNames, Shortcut, Stage,
+                                     layer_defs, short_skip_pair, stage_fusion)
 
 
 class PreActBlock(nn.Module):
-    """``AFFResBlockV2``: BN-ReLU-conv3x3(stride)-BN-ReLU-conv3x3, fused with the shortcut and
-    returned without a final activation. The projection shortcut (when the width changes) is
-    avg-pool (ceil mode, padding excluded) + 1x1 conv, with no BatchNorm.
-    (N, H, W, C_in) -> (N, H/stride, W/stride, channels)."""
+    """``AFFResBlockV2``: BN-ReLU-conv3x3(stride)-BN-ReLU-conv3x3 (``resfwd``), fused with the
+    shortcut (``attention``, inputs ordered by ``fusion_order``, see
+    :func:`aff_jax.models.residual.short_skip_pair`) and returned without a final activation.
+    The projection shortcut (when the width changes) is avg-pool (ceil mode, padding excluded)
+    + 1x1 conv, with no BatchNorm. (N, H, W, C_in) -> (N, H/stride, W/stride, channels)."""
     channels: int
     fusion: FusionFactory
+    conv: ConvDef
+    norm: NormDef
     stride: int = 1
     downsample: bool = False
-    stats_rule: StatsRule = 'gluon'
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
+    fusion_order: str = 'paper'
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        residual = x
-        x = _PreActBody(self.channels, self.stride, self.stats_rule, **kw, name='resfwd')(x, train)
+        identity = x
+        out = _PreActBody(self.channels, self.conv, self.norm, self.stride, name='resfwd')(x, train)
         if self.downsample:
-            residual = Shortcut(self.channels, self.stride, avg_down=True, norm=False,
-                                stats_rule=self.stats_rule, name='downsample', **kw)(residual, train)
-        return self.fusion(name='attention')(x, residual, train)
+            identity = Shortcut(self.channels, self.conv, None, self.stride, avg_down=True,
+                                name='downsample')(identity, train)
+        return self.fusion(name='attention')(*short_skip_pair(identity, out, self.fusion_order),
+                                             train)
 
 
 class _PreActBody(nn.Module):
     channels: int
+    conv: ConvDef
+    norm: NormDef
     stride: int
-    stats_rule: StatsRule
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        x = nn.relu(BatchNorm(stats_rule=self.stats_rule, name='0', **kw)(x, train))
-        x = conv2d(self.channels, 3, stride=self.stride, padding=1, name='2', **kw)(x)
-        x = nn.relu(BatchNorm(stats_rule=self.stats_rule, name='3', **kw)(x, train))
-        return conv2d(self.channels, 3, padding=1, name='5', **kw)(x)
+        names = SequentialNames()
+        x = nn.relu(self.norm(name=names())(x, train))
+        names.skip()
+        x = self.conv(self.channels, 3, stride=self.stride, padding=1, name=names())(x)
+        x = nn.relu(self.norm(name=names())(x, train))
+        names.skip()
+        return self.conv(self.channels, 3, padding=1, name=names())(x)
 
 
 class CIFARAFFResNet(nn.Module):
@@ -67,6 +68,9 @@ class CIFARAFFResNet(nn.Module):
 
     ``channels``: stem width then one width per stage (official: 64, 64, 128, 256);
     ``layers``: blocks per stage. The input passes a BatchNorm without scale and shift first.
+    ``fusion_order``: ``'paper'`` (X = identity, Y = residual) or ``'official'`` (the official
+    code's order, which its presets keep so that their weights load); see
+    :func:`aff_jax.models.residual.short_skip_pair`.
     Input (N, H, W, 3), output (N, num_classes) float32 logits, or with ``features_only`` the
     stage outputs (reductions 1, 2, 4 for three stages), ``out_indices`` picking some. The
     last stage's output is taken after the final BN-ReLU (``features.<last>``), as timm does
@@ -78,6 +82,7 @@ class CIFARAFFResNet(nn.Module):
     num_classes: int = 100
     start_layer: int = 1
     deep_stem: bool = False
+    fusion_order: str = 'paper'
     features_only: bool = False
     out_indices: Sequence[int] | None = None
     stats_rule: StatsRule = 'gluon'
@@ -115,28 +120,24 @@ class CIFARAFFResNet(nn.Module):
 def _features(cfg: CIFARAFFResNet, x: jax.Array, train: bool) -> list[jax.Array]:
     """Gluon's ``features`` up to its global pool: input BN, stem, stages, BN-ReLU. Returns
     the stage outputs, the last one after the BN-ReLU."""
-    kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype)
-    bn = dict(stats_rule=cfg.stats_rule, **kw)
-    index = map(str, itertools.count())
-    x = BatchNorm(use_scale=False, use_bias=False, name=next(index), **bn)(x, train)
+    conv, norm = layer_defs(cfg)
+    names = SequentialNames()
+    x = norm(use_scale=False, use_bias=False, name=names())(x, train)
     if cfg.deep_stem:
         stem = cfg.channels[0] // 2
         for width in (stem, stem):
-            x = conv2d(width, 3, padding=1, name=next(index), **kw)(x)
-            x = nn.relu(BatchNorm(name=next(index), **bn)(x, train))
-            next(index)
-    x = conv2d(cfg.channels[0], 3, padding=1, name=next(index), **kw)(x)
-    first = cfg._first_stage()
+            x = conv(width, 3, padding=1, name=names())(x)
+            x = nn.relu(norm(name=names())(x, train))
+            names.skip()
+    x = conv(cfg.channels[0], 3, padding=1, name=names())(x)
     in_channels = cfg.channels[0]
     stages = []
     for i, (width, num_blocks) in enumerate(zip(cfg.channels[1:], cfg.layers)):
-        stride = 1 if i == 0 else 2
-        block = functools.partial(
-            PreActBlock, channels=width, stats_rule=cfg.stats_rule,
-            fusion=stage_fusion(cfg.fusion, cfg.start_layer, i + 1, cfg.dtype, cfg.param_dtype), **kw)
-        x = Stage(block, num_blocks, stride, downsample=width != in_channels,
-                  name=str(first + i))(x, train)
+        block = functools.partial(PreActBlock, channels=width, fusion=stage_fusion(cfg, i + 1),
+                                  conv=conv, norm=norm, fusion_order=cfg.fusion_order)
+        x = Stage(block, num_blocks, 1 if i == 0 else 2, downsample=width != in_channels,
+                  name=names())(x, train)
         stages.append(x)
         in_channels = width
-    stages[-1] = nn.relu(BatchNorm(name=str(first + len(cfg.layers)), **bn)(x, train))
+    stages[-1] = nn.relu(norm(name=names())(x, train))
     return stages

@@ -10,22 +10,22 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax.typing import Dtype
 
 from aff_jax.fusion import FusionFactory
-from aff_jax.layers import BatchNorm, StatsRule, check_nhwc, conv2d
+from aff_jax.layers import StatsRule, check_nhwc
 from aff_jax.models.features import head_or_features
-from aff_jax.models.residual import Scope
+from aff_jax.models.residual import Scope, SequentialNames, layer_defs
 from aff_jax.models.resnext import resnext_stages
-
-Dtype = Any
 
 
 class CIFARAFFResNeXt(nn.Module):
     """CIFAR ResNeXt: 3x3 stem of ``channels`` (official 64), three stages of base width
     ``channels * 2**i`` (outputs 4x that), every first block with an avg-down projection
-    (stage 1's pool has size 1). Input (N, H, W, 3), output (N, num_classes) float32 logits,
-    or with ``features_only`` the stage outputs (reductions 1, 2, 4), ``out_indices`` picking
-    some."""
+    (stage 1's pool has size 1); ``fusion_order`` as in
+    :class:`aff_jax.models.resnext.ResNeXtBlock`. Input (N, H, W, 3), output
+    (N, num_classes) float32 logits, or with ``features_only`` the stage outputs
+    (reductions 1, 2, 4), ``out_indices`` picking some."""
     layers: Sequence[int]
     fusion: FusionFactory
     channels: int = 64
@@ -34,6 +34,7 @@ class CIFARAFFResNeXt(nn.Module):
     num_classes: int = 100
     start_layer: int = 1
     zero_init_last_bn: bool = False
+    fusion_order: str = 'paper'
     features_only: bool = False
     out_indices: Sequence[int] | None = None
     stats_rule: StatsRule = 'gluon'
@@ -49,11 +50,13 @@ class CIFARAFFResNeXt(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> Any:
         check_nhwc(x)
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        conv, norm = layer_defs(self)
 
         def features(h):
-            h = conv2d(self.channels, 3, padding=1, name='0', **kw)(h)
-            h = nn.relu(BatchNorm(stats_rule=self.stats_rule, name='1', **kw)(h, train))
-            return resnext_stages(self, h, train, self._FIRST_STAGE, first_avg_down=True)
+            names = SequentialNames()
+            h = conv(self.channels, 3, padding=1, name=names())(h)
+            h = nn.relu(norm(name=names())(h, train))
+            names.skip()
+            return resnext_stages(self, h, train, conv, norm, names, first_avg_down=True)
 
         return head_or_features(self, Scope(features, name='features')(x.astype(self.dtype)))

@@ -6,11 +6,10 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax.typing import Dtype
 
 from aff_jax import layers
 from aff_jax.layers import BatchNorm, StatsRule, conv2d
-
-Dtype = Any
 
 
 class ConvBNReLU(nn.Module):

@@ -9,17 +9,16 @@ Names: ``backbone`` (the features model's own tree, so a converted classifier lo
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax.typing import Dtype
 
 from aff_jax.layers import StatsRule, check_nhwc, conv2d
 from aff_jax.long_skip import LongSkipFusion
 from aff_jax.models.decoder_blocks import ConvBNReLU, pixel_logits
-
-Dtype = Any
 
 
 class FPN(nn.Module):

@@ -1,12 +1,18 @@
 """Model presets by name: ``create_model`` and ``list_models``.
 
-Two families, both structurally identical to their source:
+Two families structurally identical to their source:
 
 * the official open-aff (MXNet) presets, with Gluon's BatchNorm statistics rule and
   preprocessing, and the official fusion settings (AFF = ``ASKCFuse``, blend x2; iAFF =
   ``ResGlobLocaforGlobLocaChaFuse`` with its own second global context);
 * the PyTorch-port presets ``tv_*``, with PyTorch's BatchNorm statistics rule and the port's
   quirks by default (AFF x2, r=4, iAFF reusing ``global_att``) so its checkpoints load and agree.
+
+Both keep their source's short-skip argument order (``fusion_order='official'``: the fusion
+sees (residual, identity)) so that their weights load; ``fusion_order='paper'`` overrides it.
+The paper's own hosts, which have no official code (``cifar_inception_resnet20``, the
+same-layer scenario, and the segmentation decoders' long skips), use the paper's roles of X and
+Y and its AFF (factor 1).
 
 Each preset also records its input preprocessing, as data, the way timm's pretrained configs do.
 
@@ -24,6 +30,7 @@ import jax.numpy as jnp
 
 from aff_jax import fusion as fusion_lib
 from aff_jax.long_skip import LongSkipFusion, fusion_factory
+from aff_jax.models.cifar_inception import CIFARInceptionResNet
 from aff_jax.models.cifar_resnet import CIFARAFFResNet
 from aff_jax.models.cifar_resnext import CIFARAFFResNeXt
 from aff_jax.models.features import FeatureInfo
@@ -72,7 +79,8 @@ _PORT_FUSION = {'aff': {'scale': 2.0}, 'iaff': {'reuse_global': True}}
 
 def _official_presets() -> dict[str, Preset]:
     def official(host, fields, fusion, r, pre):
-        return Preset(host, fields, fusion, r, _OFFICIAL_FUSION, 'gluon', pre)
+        return Preset(host, dict(fields, fusion_order='official'), fusion, r, _OFFICIAL_FUSION,
+                      'gluon', pre)
 
     cifar = dict(layers=(5, 5, 5), channels=(64, 64, 128, 256), num_classes=100, start_layer=1)
     presets = {
@@ -106,12 +114,20 @@ def _port_presets() -> dict[str, Preset]:
         'tv_wide_resnet50_2': dict(layers=(3, 4, 6, 3), width_per_group=128),
         'tv_wide_resnet101_2': dict(layers=(3, 4, 23, 3), width_per_group=128),
     }
-    return {name: Preset(TVResNet, dict(num_classes=1000, **fields), 'aff', 4, _PORT_FUSION,
-                         'torch', IMAGENET_TORCHVISION)
+    return {name: Preset(TVResNet, dict(num_classes=1000, fusion_order='official', **fields),
+                         'aff', 4, _PORT_FUSION, 'torch', IMAGENET_TORCHVISION)
             for name, fields in specs.items()}
 
 
-_PRESETS: dict[str, Preset] = {**_official_presets(), **_port_presets()}
+def _paper_presets() -> dict[str, Preset]:
+    # The same-layer host: the CIFAR ResNet-20 layout with two-branch cells, AFF with the
+    # paper's factor 1 (no fusion_options), r = 4, CIFAR-100.
+    inception = dict(layers=(3, 3, 3), channels=(16, 16, 32, 64), num_classes=100)
+    return {'cifar_inception_resnet20': Preset(CIFARInceptionResNet, inception, 'aff', 4, {},
+                                               'gluon', CIFAR_OFFICIAL)}
+
+
+_PRESETS: dict[str, Preset] = {**_official_presets(), **_port_presets(), **_paper_presets()}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,9 +145,11 @@ _SEGMENTATION: dict[str, SegmentationPreset] = {
     'fpn': SegmentationPreset(FPN, None, {}, {}),
     'unet': SegmentationPreset(UNet, None, {}, {}),
     # The paper's StopSign host: the CIFAR pre-activation ResNet-20 (3 blocks per stage,
-    # widths 16-32-64, plain additive short skips) under an FPN.
+    # widths 16-32-64, plain additive short skips) under an FPN; a short-skip fusion chosen by
+    # backbone_fusion takes the paper's roles.
     'fpn_resnet20': SegmentationPreset(
-        FPN, 'cifar_resnet32', dict(layers=(3, 3, 3), channels=(16, 16, 32, 64)),
+        FPN, 'cifar_resnet32',
+        dict(layers=(3, 3, 3), channels=(16, 16, 32, 64), fusion_order='paper'),
         dict(pyramid_channels=32)),
 }
 _BACKBONE_PREFIX = 'backbone_'
@@ -173,9 +191,9 @@ def create_model(name: str, num_classes: int | None = None,
     preset's reduction ``r`` and its settings for that scheme (e.g. AFF x2), or a factory
     (``fusion.factory(...)`` or any ``functools.partial`` of a fusion module) used as is.
     ``overrides``: any field of the host (``layers``, ``small_input``, ``start_layer``,
-    ``channels``, ``zero_init_last_bn``, ``param_dtype``, ``features_only``, ``out_indices``,
-    ...), plus ``r`` and ``fusion_options`` (a dict of fusion fields, e.g. ``{'scale': 1.0}``).
-    Unknown keys raise.
+    ``channels``, ``zero_init_last_bn``, ``fusion_order``, ``param_dtype``, ``features_only``,
+    ``out_indices``, ...), plus ``r`` and ``fusion_options`` (a dict of fusion fields, e.g.
+    ``{'scale': 1.0}``). Unknown keys raise.
 
     Segmentation models: ``fusion`` (default ``'aff'``, the paper's factor 1), ``r``,
     ``fusion_options`` and ``upsample`` are the decoder's long-skip settings, and

@@ -1,20 +1,72 @@
-"""Residual-network plumbing shared by the hosts: the projection shortcut and the stage container.
+"""Residual-network plumbing shared by the hosts: layer constructors, child numbering, the
+short-skip fusion order, the projection shortcut and the stage container.
 
-Both name their children as the source framework's ``Sequential`` numbers them, so a flax
-variable path reads like the PyTorch ``state_dict`` key or the Gluon parameter name.
+Children are named as the source framework's ``Sequential`` numbers them, so a flax variable
+path reads like the PyTorch ``state_dict`` key or the Gluon parameter name.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 from aff_jax import fusion as fusion_lib
-from aff_jax.layers import BatchNorm, StatsRule, avg_pool_ceil, conv2d
+from aff_jax.layers import BatchNorm, avg_pool_ceil, conv2d
 
-Dtype = Any
+# ``conv(features, kernel_size, stride=..., padding=..., name=...)`` and
+# ``norm(name=..., scale_init=...)``: :func:`aff_jax.layers.conv2d` and
+# :class:`aff_jax.layers.BatchNorm` with a host's dtype, param_dtype and stats_rule bound.
+ConvDef = Callable[..., nn.Module]
+NormDef = Callable[..., nn.Module]
+
+
+def layer_defs(host: Any) -> tuple[ConvDef, NormDef]:
+    """The conv and BatchNorm constructors of ``host`` (a module with ``dtype``,
+    ``param_dtype`` and ``stats_rule``), built once and handed to its blocks, as flax's
+    ``examples/imagenet`` hands ``partial(nn.Conv, ...)`` down, so that no block repeats them."""
+    kw = dict(dtype=host.dtype, param_dtype=host.param_dtype)
+    return (functools.partial(conv2d, **kw),
+            functools.partial(BatchNorm, stats_rule=host.stats_rule, **kw))
+
+
+class SequentialNames:
+    """Child names in the order a Gluon ``HybridSequential`` or a PyTorch ``Sequential``
+    numbers its layers, from ``start``: ``names()`` is the next layer's name; layers without
+    parameters (ReLU, pooling) take an index too and are passed over with ``names.skip()``."""
+
+    def __init__(self, start: int = 0) -> None:
+        self._index = start
+
+    def __call__(self) -> str:
+        name = str(self._index)
+        self._index += 1
+        return name
+
+    def skip(self) -> None:
+        self._index += 1
+
+
+FUSION_ORDERS = ('paper', 'official')
+
+
+def short_skip_pair(identity: jax.Array, residual: jax.Array,
+                    fusion_order: str) -> tuple[jax.Array, jax.Array]:
+    """The ``(X, Y)`` a short skip hands its fusion.
+
+    ``'paper'`` (section 4): X = the identity (shortcut), Y = the residual body's output, the
+    map with the larger receptive field; so ``se`` is identity + G(residual) * residual, as in
+    SENet. ``'official'``: ``(residual, identity)``, the argument order of the official MXNet
+    code and the PyTorch port (``attention(x, residual)``), which their checkpoints need:
+    it turns the one-sided schemes (``se``, ``gau``, ``highway``, ``sa``, ...) around and gives
+    AFF's gate M the residual instead of the identity. ``add`` and ``concat`` do not care.
+    """
+    if fusion_order == 'paper':
+        return identity, residual
+    if fusion_order == 'official':
+        return residual, identity
+    raise ValueError(f'fusion_order must be one of {FUSION_ORDERS}, got {fusion_order!r}')
 
 
 class Shortcut(nn.Module):
@@ -22,27 +74,26 @@ class Shortcut(nn.Module):
 
     ``avg_down`` (ResNet-D / the official models): ``AvgPool2D(stride, ceil_mode=True,
     count_include_pad=False)`` (child ``0``; identity for stride 1 but it still takes the index)
-    then a stride-1 1x1 conv; otherwise a strided 1x1 conv. ``norm`` adds a BatchNorm after.
+    then a stride-1 1x1 conv; otherwise a strided 1x1 conv. ``norm`` (None: no BatchNorm)
+    adds a BatchNorm after.
     """
     features: int
+    conv: ConvDef
+    norm: NormDef | None
     stride: int = 1
     avg_down: bool = False
-    norm: bool = True
-    stats_rule: StatsRule = 'gluon'
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        index, conv_stride = 0, self.stride
+        names = SequentialNames()
+        conv_stride = self.stride
         if self.avg_down:
             x = avg_pool_ceil(x, self.stride)
-            index, conv_stride = 1, 1
-        x = conv2d(self.features, 1, stride=conv_stride, name=str(index), dtype=self.dtype,
-                   param_dtype=self.param_dtype)(x)
-        if self.norm:
-            x = BatchNorm(stats_rule=self.stats_rule, dtype=self.dtype,
-                          param_dtype=self.param_dtype, name=str(index + 1))(x, train)
+            names.skip()
+            conv_stride = 1
+        x = self.conv(self.features, 1, stride=conv_stride, name=names())(x)
+        if self.norm is not None:
+            x = self.norm(name=names())(x, train)
         return x
 
 
@@ -66,12 +117,12 @@ class Stage(nn.Module):
         return x
 
 
-def stage_fusion(fusion: Callable[..., nn.Module], start_layer: int, stage_index: int,
-                 dtype: Dtype, param_dtype: Dtype) -> Callable[..., nn.Module]:
-    """The official hosts fuse by plain addition in stages before ``start_layer`` (1-based)."""
-    if stage_index >= start_layer:
-        return fusion
-    return fusion_lib.factory('add', dtype=dtype, param_dtype=param_dtype)
+def stage_fusion(host: Any, stage_index: int) -> Callable[..., nn.Module]:
+    """The fusion of ``host``'s stage ``stage_index`` (1-based): the official hosts fuse by
+    plain addition in stages before ``host.start_layer``."""
+    if stage_index >= host.start_layer:
+        return host.fusion
+    return fusion_lib.factory('add', dtype=host.dtype, param_dtype=host.param_dtype)
 
 
 class Scope(nn.Module):

@@ -12,51 +12,53 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax.typing import Dtype
 
 from aff_jax.fusion import FusionFactory
-from aff_jax.layers import BatchNorm, StatsRule, check_nhwc, conv2d, max_pool_3x3_s2
+from aff_jax.layers import StatsRule, check_nhwc, max_pool_3x3_s2
 from aff_jax.models.features import head_or_features
-from aff_jax.models.residual import Scope, Shortcut, Stage, stage_fusion
-
-Dtype = Any
+from aff_jax.models.residual import (ConvDef, NormDef, Scope, SequentialNames, Shortcut, Stage,
+                                     layer_defs, short_skip_pair, stage_fusion)
 
 
 class Bottleneck(nn.Module):
     """``AFFBottleneck`` (V1b: stride on the 3x3): 1x1 -> 3x3 -> 1x1 (x4), fused with the
-    shortcut, ReLU. (N, H, W, C_in) -> (N, H/stride, W/stride, 4 * planes)."""
+    shortcut (``attention``, inputs ordered by ``fusion_order``, see
+    :func:`aff_jax.models.residual.short_skip_pair`), ReLU.
+    (N, H, W, C_in) -> (N, H/stride, W/stride, 4 * planes)."""
     planes: int
     fusion: FusionFactory
+    conv: ConvDef
+    norm: NormDef
     stride: int = 1
     downsample: bool = False
     avg_down: bool = True
     zero_init_last_bn: bool = False
-    stats_rule: StatsRule = 'gluon'
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
+    fusion_order: str = 'paper'
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        bn = dict(stats_rule=self.stats_rule, **kw)
+        conv, norm = self.conv, self.norm
         last_scale = nn.initializers.zeros if self.zero_init_last_bn else nn.initializers.ones
-        out = nn.relu(BatchNorm(name='bn1', **bn)(conv2d(self.planes, 1, name='conv1', **kw)(x), train))
-        out = conv2d(self.planes, 3, stride=self.stride, padding=1, name='conv2', **kw)(out)
-        out = nn.relu(BatchNorm(name='bn2', **bn)(out, train))
-        out = conv2d(self.planes * 4, 1, name='conv3', **kw)(out)
-        out = BatchNorm(name='bn3', scale_init=last_scale, **bn)(out, train)
-        residual = x
+        out = nn.relu(norm(name='bn1')(conv(self.planes, 1, name='conv1')(x), train))
+        out = conv(self.planes, 3, stride=self.stride, padding=1, name='conv2')(out)
+        out = nn.relu(norm(name='bn2')(out, train))
+        out = conv(self.planes * 4, 1, name='conv3')(out)
+        out = norm(name='bn3', scale_init=last_scale)(out, train)
+        identity = x
         if self.downsample:
-            residual = Shortcut(self.planes * 4, self.stride, avg_down=self.avg_down,
-                                name='downsample', **bn)(x, train)
-        return nn.relu(self.fusion(name='attention')(out, residual, train))
+            identity = Shortcut(self.planes * 4, conv, norm, self.stride, avg_down=self.avg_down,
+                                name='downsample')(x, train)
+        pair = short_skip_pair(identity, out, self.fusion_order)
+        return nn.relu(self.fusion(name='attention')(*pair, train))
 
 
 class AFFResNet(nn.Module):
     """ImageNet ResNet-V1b with deep stem (3x3 convs ``stem_width``, ``stem_width``,
     2 * ``stem_width``), avg-down projections (stage 1's pool has size 1) and fusion from
-    ``start_layer`` on. Input (N, H, W, 3), output (N, num_classes) float32 logits, or with
-    ``features_only`` the outputs of ``layer1`` .. ``layer4`` (reductions 4, 8, 16, 32),
-    ``out_indices`` picking some."""
+    ``start_layer`` on (``fusion_order`` as in :class:`Bottleneck`). Input (N, H, W, 3),
+    output (N, num_classes) float32 logits, or with ``features_only`` the outputs of
+    ``layer1`` .. ``layer4`` (reductions 4, 8, 16, 32), ``out_indices`` picking some."""
     layers: Sequence[int]
     fusion: FusionFactory
     num_classes: int = 1000
@@ -65,6 +67,7 @@ class AFFResNet(nn.Module):
     stem_width: int = 32
     avg_down: bool = True
     zero_init_last_bn: bool = False
+    fusion_order: str = 'paper'
     features_only: bool = False
     out_indices: Sequence[int] | None = None
     stats_rule: StatsRule = 'gluon'
@@ -79,28 +82,30 @@ class AFFResNet(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> Any:
         check_nhwc(x)
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        bn = dict(stats_rule=self.stats_rule, **kw)
+        conv, norm = layer_defs(self)
         x = x.astype(self.dtype)
         if self.deep_stem:
             def stem(h):
-                h = conv2d(self.stem_width, 3, stride=2, padding=1, name='0', **kw)(h)
-                h = nn.relu(BatchNorm(name='1', **bn)(h, train))
-                h = conv2d(self.stem_width, 3, padding=1, name='3', **kw)(h)
-                h = nn.relu(BatchNorm(name='4', **bn)(h, train))
-                return conv2d(self.stem_width * 2, 3, padding=1, name='6', **kw)(h)
+                names = SequentialNames()
+                h = conv(self.stem_width, 3, stride=2, padding=1, name=names())(h)
+                h = nn.relu(norm(name=names())(h, train))
+                names.skip()
+                h = conv(self.stem_width, 3, padding=1, name=names())(h)
+                h = nn.relu(norm(name=names())(h, train))
+                names.skip()
+                return conv(self.stem_width * 2, 3, padding=1, name=names())(h)
             x = Scope(stem, name='conv1')(x)
         else:
-            x = conv2d(64, 7, stride=2, padding=3, name='conv1', **kw)(x)
-        x = max_pool_3x3_s2(nn.relu(BatchNorm(name='bn1', **bn)(x, train)))
+            x = conv(64, 7, stride=2, padding=3, name='conv1')(x)
+        x = max_pool_3x3_s2(nn.relu(norm(name='bn1')(x, train)))
         in_channels = self.stem_width * 2 if self.deep_stem else 64
         stages = []
         for i, (planes, num_blocks) in enumerate(zip((64, 128, 256, 512), self.layers)):
             stride = 1 if i == 0 else 2
             block = functools.partial(
-                Bottleneck, planes=planes, avg_down=self.avg_down,
-                fusion=stage_fusion(self.fusion, self.start_layer, i + 1, self.dtype, self.param_dtype),
-                zero_init_last_bn=self.zero_init_last_bn, stats_rule=self.stats_rule, **kw)
+                Bottleneck, planes=planes, fusion=stage_fusion(self, i + 1), conv=conv, norm=norm,
+                avg_down=self.avg_down, zero_init_last_bn=self.zero_init_last_bn,
+                fusion_order=self.fusion_order)
             x = Stage(block, num_blocks, stride, downsample=stride != 1 or in_channels != planes * 4,
                       name=f'layer{i + 1}')(x, train)
             in_channels = planes * 4

@@ -7,17 +7,17 @@ conv-BN-ReLU), ``classifier``.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax.typing import Dtype
 
 from aff_jax.layers import StatsRule, check_nhwc
 from aff_jax.long_skip import LongSkipFusion
 from aff_jax.models.decoder_blocks import ConvBNReLU, pixel_logits
 
-Dtype = Any
 DEFAULT_MAX_WIDTH = 256
 
 
