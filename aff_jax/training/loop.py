@@ -26,6 +26,7 @@ import numpy as np
 
 import aff_jax
 from aff_jax.data import pipeline
+from aff_jax.data.sources import SPLITS
 from aff_jax.training import mesh as mesh_lib
 from aff_jax.training import optimizer as optimizer_lib
 from aff_jax.training import pretrained
@@ -50,12 +51,25 @@ POSITIVE_INT_KEYS = ('batch_size', 'eval_batch_size', 'num_train_steps', 'log_ev
 @dataclasses.dataclass(frozen=True)
 class RunResult:
     """How a run ended: the step reached, the final held-out metrics (``eval/loss``,
-    ``eval/count`` and ``eval/accuracy``, or ``eval/miou``, ``eval/pixel_accuracy`` and
-    ``eval/iou/<class>``), or None when a signal stopped it first (after a checkpoint);
-    ``exit_code``: 0, or 128 + the signal's number (143 SIGTERM or preemption, 130 SIGINT)."""
+    ``eval/count``, ``eval/accuracy`` and ``eval/top5_accuracy``, or ``eval/miou``,
+    ``eval/pixel_accuracy`` and ``eval/iou/<class>``), or None when a signal stopped it first
+    (after a checkpoint); ``exit_code``: 0, or 128 + the signal's number (143 SIGTERM or
+    preemption, 130 SIGINT)."""
     step: int
     eval_metrics: dict[str, float] | None
     exit_code: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Evaluation:
+    """What ``evaluate_saved`` scored: the checkpoint's ``step`` (None for ``init_from``
+    weights), the ``split``, the ``source`` (the checkpoint's directory or the weights' path)
+    and the task's ``scores`` (``Task.scores``: ``eval/*`` and ``eval/count``)."""
+    step: int | None
+    split: str
+    source: str
+    scores: dict[str, float]
+    task: tasks.Task
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,6 +191,71 @@ def evaluate(exp: Experiment, eval_step, state: state_lib.TrainState, eval_data
     return exp.task.scores(jax.device_get(totals))
 
 
+def evaluate_saved(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
+                   split: str = 'test', init_from: str | None = None) -> Evaluation:
+    """Score saved weights on ``split`` with the trainer's sharded eval step.
+
+    The weights: the newest complete checkpoint in ``workdir/checkpoints``, or with
+    ``init_from`` an Orbax directory of converted variables, taken as a run with that
+    ``config.init_from`` would start from it (``init_skip`` and a segmentation model's backbone
+    alike). The workdir's lock is held while its checkpoints are open: opening them removes
+    unfinished saves, which would be a live run's. Raises RunError in one line: the config
+    (``check_config``, ``build_experiment``), an unknown split, no checkpoint, a checkpoint of
+    another model or one that does not restore, weights that do not fit.
+    """
+    check_config(config)
+    if split not in SPLITS:
+        raise ConfigError(f'unknown split {split!r}; the datasets have {" and ".join(SPLITS)}')
+    directory = pathlib.Path(workdir).absolute() / CHECKPOINT_DIR
+    no_checkpoint = RunError(f'no checkpoint in {directory}; train one with python -m train, '
+                             f'or give converted weights with --init_from')
+    if init_from is None and not directory.is_dir():
+        raise no_checkpoint  # before the Checkpointer, which would create the directory
+    if init_from is not None and not os.path.isdir(init_from):
+        raise ConfigError(f'--init_from {init_from}: no such directory (an Orbax checkpoint '
+                          f'written by python -m aff_jax.interop.convert)')
+    compile_cache.enable(config.compilation_cache)
+    with contextlib.ExitStack() as resources:
+        if init_from is None:
+            resources.enter_context(WorkdirLock(directory.parent))
+        exp = build_experiment(config)
+        resources.enter_context(jax.set_mesh(exp.mesh))
+        tx = optimizer_lib.make_optimizer(config)
+        init_fn, abstract_state, shardings = state_lib.state_layout(
+            exp.model, tx, (1, *exp.input_shape), exp.mesh, exp.rules)
+        if init_from is None:
+            checkpointer = resources.enter_context(Checkpointer(
+                directory, config.checkpoint_every_steps, config.keep_checkpoints))
+            saved = checkpointer.steps()
+            if not saved:
+                raise no_checkpoint
+            step = saved[-1]
+            try:
+                mismatches = checkpointer.mismatches(step, abstract_state)
+                state = None if mismatches else checkpointer.restore(
+                    step, state_lib.with_shardings(abstract_state, shardings))
+            except Exception as e:  # noqa: BLE001 - damaged files fail in many ways
+                raise RunError(f'the checkpoint at step {step} in {directory} cannot be '
+                               f'restored ({_short_reason(e)})') from e
+            if mismatches:
+                raise _another_model(
+                    'evaluate', checkpointer, step, mismatches,
+                    changed_keys(checkpointer.saved_config(step), config),
+                    'Give the config it was trained with')
+            source = str(directory / str(step))
+        else:
+            init_rng, _ = jax.random.split(jax.random.key(config.seed, impl=config.rng_impl))
+            state = pretrained.apply_pretrained(
+                state_lib.create_state(init_fn, shardings, init_rng), init_from,
+                config.init_skip, shardings, *_pretrained_target(exp.model))
+            step, source = None, os.path.abspath(init_from)
+        eval_step = steps.make_eval_step(exp.model, exp.task.eval_sums, shardings,
+                                         mesh_lib.batch_sharding(exp.mesh))
+        scores = evaluate(exp, eval_step, state,
+                          _dataset(exp, split, config.eval_batch_size, train=False))
+    return Evaluation(step, split, source, scores, exp.task)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> RunResult:
     """Train ``config`` in ``workdir``, resuming from its newest complete checkpoint if any.
 
@@ -283,18 +362,24 @@ def _initial_state(exp: Experiment, checkpointer: Checkpointer, layout,
                 print(f'the checkpoint at step {step} cannot be restored '
                       f'({_short_reason(e)}); moved it to {moved}', file=sys.stderr)
             continue
-        shown = '; '.join(mismatches[:3]) + (f' (and {len(mismatches) - 3} more)'
-                                             if len(mismatches) > 3 else '')
-        raise ConfigError(
-            f'cannot resume from the checkpoint at step {step} in {checkpointer.directory}, it '
-            f'holds another model: {shown}. The config differs from the checkpoint\'s in: '
-            f'{"; ".join(changes) or "nothing (another version of aff-jax wrote it)"}. Use a '
-            f'new --workdir for a new run')
+        raise _another_model('resume from', checkpointer, step, mismatches, changes,
+                             'Use a new --workdir for a new run')
     state = state_lib.create_state(init_fn, shardings, rng)
     if exp.config.init_from:
         state = pretrained.apply_pretrained(state, exp.config.init_from, exp.config.init_skip,
                                             shardings, *_pretrained_target(exp.model))
     return state, []
+
+
+def _another_model(action: str, checkpointer: Checkpointer, step: int, mismatches: list[str],
+                   changes: list[str], advice: str) -> ConfigError:
+    """The error for a checkpoint whose arrays do not fit the config's model."""
+    shown = '; '.join(mismatches[:3]) + (f' (and {len(mismatches) - 3} more)'
+                                         if len(mismatches) > 3 else '')
+    return ConfigError(
+        f'cannot {action} the checkpoint at step {step} in {checkpointer.directory}, it holds '
+        f'another model: {shown}. The config differs from the checkpoint\'s in: '
+        f'{"; ".join(changes) or "nothing (another version of aff-jax wrote it)"}. {advice}')
 
 
 def _short_reason(error: Exception, limit: int = 200) -> str:

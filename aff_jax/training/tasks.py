@@ -23,6 +23,8 @@ import optax
 from aff_jax.data.pipeline import IGNORE_LABEL
 
 Batch = dict[str, jax.Array]
+# Classification's second score: whether the label is among the K largest logits.
+TOP_K = 5
 
 
 def smoothed_one_hot(labels: jax.Array, num_classes: int, eta: float) -> jax.Array:
@@ -54,17 +56,23 @@ class Classification:
 
     def eval_sums(self, logits: jax.Array, batch: Batch) -> dict[str, jax.Array]:
         """Sums over the real examples (``batch['mask']`` 1): ``loss`` (unsmoothed
-        cross-entropy), ``correct``, ``count``."""
+        cross-entropy), ``correct`` (top-1), ``correct_top5`` (the label among the
+        ``min(5, K)`` largest logits), ``count``."""
         mask = batch['mask']
-        losses = cross_entropy(logits, jax.nn.one_hot(batch['label'], self.num_classes))
-        correct = (jnp.argmax(logits, -1) == batch['label']).astype(jnp.float32)
+        labels = batch['label']
+        losses = cross_entropy(logits, jax.nn.one_hot(labels, self.num_classes))
+        correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+        # top_k ranks equal logits by index, as argmax does, so top-1 is always in the top 5.
+        _, top5 = jax.lax.top_k(logits, min(TOP_K, self.num_classes))
+        correct_top5 = jnp.any(top5 == labels[:, None], axis=-1).astype(jnp.float32)
         return {'loss': jnp.sum(losses * mask), 'correct': jnp.sum(correct * mask),
-                'count': jnp.sum(mask)}
+                'correct_top5': jnp.sum(correct_top5 * mask), 'count': jnp.sum(mask)}
 
     def scores(self, totals: dict[str, Any]) -> dict[str, float]:
         count = float(totals['count'])
         return {'eval/loss': float(totals['loss']) / count,
-                'eval/accuracy': float(totals['correct']) / count, 'eval/count': count}
+                'eval/accuracy': float(totals['correct']) / count,
+                'eval/top5_accuracy': float(totals['correct_top5']) / count, 'eval/count': count}
 
     def describe(self, step: int, scores: dict[str, float]) -> str:
         return (f'final held-out accuracy after {step} steps: {100 * scores["eval/accuracy"]:.2f}% '
