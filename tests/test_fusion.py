@@ -169,9 +169,13 @@ def setup(module, x, y, seed=0):
 
 
 def assert_close(got, want, what):
+    """float32 against the float64 reference. In train mode BatchNorm divides by the
+    standard deviation of a few values (the global context sees one per image), which
+    magnifies float32 rounding: iAFF's two stages reach 2e-5 there."""
     got = np.asarray(got, np.float64)
     assert got.shape == want.shape, f'{what}: shape {got.shape} != {want.shape}'
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=what)
+    tolerance = 5e-5 if what == 'train' else 1e-5
+    np.testing.assert_allclose(got, want, rtol=tolerance, atol=tolerance, err_msg=what)
 
 
 def assert_stats_equal(got, want):
