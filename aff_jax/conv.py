@@ -9,10 +9,17 @@ convolution gradients, which are fast there.
 
 A 1x1 convolution without groups is a ``dot`` over channels (of the strided subsample for
 stride > 1), which XLA differentiates into GEMMs by itself.
+
+Both change the float32 rounding of the gradients (not their values beyond 1e-5), and so the
+trajectory of a long run. ``implementation('xla')`` traces XLA's own convolutions everywhere,
+as aff-jax did before; training configs choose with ``config.conv_implementation``.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
+from typing import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +28,22 @@ from jax import lax
 _DIMENSIONS = ('NHWC', 'HWIO', 'NHWC')
 
 Padding = tuple[tuple[int, int], tuple[int, int]]
+
+IMPLEMENTATIONS = ('gemm', 'xla')
+_IMPLEMENTATION = contextvars.ContextVar('aff_jax_conv_implementation', default='gemm')
+
+
+@contextlib.contextmanager
+def implementation(name: str) -> Iterator[None]:
+    """Within the block, :func:`conv2d` traces ``'gemm'`` (the default: GEMM weight gradients
+    on CPU, 1x1 convs as dots) or ``'xla'`` (XLA's convolutions and their gradients)."""
+    if name not in IMPLEMENTATIONS:
+        raise ValueError(f'conv implementation must be one of {IMPLEMENTATIONS}, got {name!r}')
+    token = _IMPLEMENTATION.set(name)
+    try:
+        yield
+    finally:
+        _IMPLEMENTATION.reset(token)
 
 
 def conv2d(x: jax.Array, kernel: jax.Array, stride: tuple[int, int] = (1, 1),
@@ -39,6 +62,8 @@ def conv2d(x: jax.Array, kernel: jax.Array, stride: tuple[int, int] = (1, 1),
     if x.shape[-1] != kernel.shape[2] * groups:
         raise ValueError(f'conv2d input has {x.shape[-1]} channels, the kernel of shape '
                          f'{tuple(kernel.shape)} with groups={groups} expects {kernel.shape[2] * groups}')
+    if _IMPLEMENTATION.get() == 'xla':
+        return _native(x, kernel, stride, padding, dilation, groups)
     if kernel.shape[:2] == (1, 1) and groups == 1 and padding == ((0, 0), (0, 0)):
         return _pointwise(x, kernel, stride)
     return _conv(x, kernel, stride, padding, dilation, groups)

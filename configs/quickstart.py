@@ -24,6 +24,9 @@ def get_config():
     c.warmup_steps = 20
     c.weight_decay = 1e-4
     c.label_smoothing = 0.1
+    # The documented trajectory (92.90%) is XLA's convolutions' rounding; with the faster
+    # 'gemm' gradients this short, high-lr recipe lands elsewhere (41-74% in three tries).
+    c.conv_implementation = 'xla'
     c.log_every_steps = 20
     c.eval_every_steps = 100
     c.checkpoint_every_steps = 100

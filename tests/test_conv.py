@@ -121,3 +121,32 @@ def test_module_parameters_match_flax_conv():
     np.testing.assert_array_equal(params['kernel'], reference['params']['kernel'])
     np.testing.assert_allclose(ours.apply(variables, x), flax_conv.apply(reference, x),
                                rtol=1e-5, atol=1e-5)
+
+
+def test_xla_implementation_traces_xla_convolutions_only():
+    x, w1, w3 = jnp.ones((2, 6, 6, 4)), jnp.ones((1, 1, 4, 4)), jnp.ones((3, 3, 4, 4))
+
+    def loss(w1, w3):
+        h = conv_lib.conv2d(x, w1)
+        return conv_lib.conv2d(h, w3, padding=((1, 1), (1, 1))).sum()
+
+    gemm = str(jax.make_jaxpr(jax.grad(loss, (0, 1)))(w1, w3))
+    with conv_lib.implementation('xla'):
+        xla = str(jax.make_jaxpr(jax.grad(loss, (0, 1)))(w1, w3))
+    assert 'dot_general' in gemm
+    assert 'dot_general' not in xla
+    assert xla.count('conv_general_dilated') >= 4  # two forward, their input and weight grads
+    with pytest.raises(ValueError, match="'gemm', 'xla'"):
+        with conv_lib.implementation('oneDNN'):
+            pass
+
+
+def test_config_names_a_bad_conv_implementation():
+    from aff_jax.training import loop
+    from aff_jax.training.config import base_config
+    from aff_jax.training.errors import ConfigError
+
+    config = base_config()
+    config.conv_implementation = 'cudnn'
+    with pytest.raises(ConfigError, match='conv_implementation'):
+        loop.check_config(config)

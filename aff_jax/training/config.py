@@ -33,6 +33,9 @@ def base_config() -> ml_collections.ConfigDict:
     # script trains a 100-way head on the 20 CIFAR-100 superclasses).
     c.num_classes = config_dict.placeholder(int)
     c.dtype = 'float32'  # compute dtype ('bfloat16' on TPU/GPU); parameters stay float32
+    # 'gemm': GEMM weight gradients on CPU and 1x1 convs as dots (1.7x faster training on
+    # CPU); 'xla': XLA's own convolutions (aff_jax.conv). Same values to 1e-5, other rounding.
+    c.conv_implementation = 'gemm'
     # Fine-tuning: an Orbax checkpoint of {'params', 'batch_stats'} written by
     # `python -m aff_jax.interop.convert`; its variables replace the fresh initialisation of a
     # new run (a resumed run ignores it). init_skip: path prefixes kept fresh, e.g. ('fc',).

@@ -25,6 +25,7 @@ import ml_collections
 import numpy as np
 
 import aff_jax
+from aff_jax import conv as conv_lib
 from aff_jax.data import pipeline
 from aff_jax.data.sources import SPLITS
 from aff_jax.training import mesh as mesh_lib
@@ -105,6 +106,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                           f'{", ".join(aff_jax.fusion.names())}')
     if config.dtype not in DTYPES:
         raise ConfigError(f'config.dtype must be one of {tuple(DTYPES)}, got {config.dtype!r}')
+    if config.conv_implementation not in conv_lib.IMPLEMENTATIONS:
+        raise ConfigError(f'config.conv_implementation must be one of '
+                          f'{conv_lib.IMPLEMENTATIONS}, got {config.conv_implementation!r}')
     if config.rng_impl not in RNG_IMPLS:
         raise ConfigError(f'config.rng_impl must be one of {RNG_IMPLS}, got {config.rng_impl!r}')
     optimizer_lib.make_optimizer(config)
@@ -220,6 +224,7 @@ def evaluate_saved(config: ml_collections.ConfigDict, workdir: str | pathlib.Pat
             resources.enter_context(WorkdirLock(directory.parent))
         exp = build_experiment(config)
         resources.enter_context(jax.set_mesh(exp.mesh))
+        resources.enter_context(conv_lib.implementation(config.conv_implementation))
         tx = optimizer_lib.make_optimizer(config)
         init_fn, abstract_state, shardings = state_lib.state_layout(
             exp.model, tx, (1, *exp.input_shape), exp.mesh, exp.rules)
@@ -302,6 +307,7 @@ def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> RunResult:
         exp = build_experiment(config)
         signals = resources.enter_context(StopSignals())
         resources.enter_context(jax.set_mesh(exp.mesh))
+        resources.enter_context(conv_lib.implementation(config.conv_implementation))
         layout = state_lib.state_layout(exp.model, tx, (1, *exp.input_shape), exp.mesh,
                                         exp.rules)
         _, abstract_state, shardings = layout
