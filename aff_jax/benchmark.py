@@ -26,6 +26,7 @@ import numpy as np
 import optax
 
 import aff_jax
+from aff_jax import conv as conv_lib
 from aff_jax.interop import torch as aff_torch
 
 NUM_CLASSES = 10
@@ -60,8 +61,10 @@ def _jax_model(model_name: str, fusion: str | None, small_input: bool, dtype: An
 
 def benchmark(model_name: str, fusion: str | None = None, batch: int = 32, size: int = 32,
               iters: int = 3, rounds: int = 5, small_input: bool = True,
-              dtype: str = 'float32') -> dict[str, Any]:
-    """Runs the comparison; returns compile seconds, median images/s and ratios as a dict."""
+              dtype: str = 'float32', conv: str = 'gemm') -> dict[str, Any]:
+    """Runs the comparison; returns compile seconds, median images/s and ratios as a dict.
+    ``conv``: the ``aff_jax.conv`` implementation the JAX side traces (``'xla'``: as before
+    the GEMM weight gradients)."""
     import torch
 
     reference, shared_weights = _reference(model_name, fusion, small_input)
@@ -91,15 +94,16 @@ def benchmark(model_name: str, fusion: str | None = None, batch: int = 32, size:
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), new_stats, opt_state
 
-    start = time.perf_counter()
-    forward_compiled = forward.lower(variables, x).compile()
-    compile_forward = time.perf_counter() - start
-    state = [jax.tree.map(jnp.array, variables['params']),
-             jax.tree.map(jnp.array, variables['batch_stats'])]
-    state.append(tx.init(state[0]))
-    start = time.perf_counter()
-    train_compiled = train_step.lower(*state, x, y).compile()
-    compile_train = time.perf_counter() - start
+    with conv_lib.implementation(conv):
+        start = time.perf_counter()
+        forward_compiled = forward.lower(variables, x).compile()
+        compile_forward = time.perf_counter() - start
+        state = [jax.tree.map(jnp.array, variables['params']),
+                 jax.tree.map(jnp.array, variables['batch_stats'])]
+        state.append(tx.init(state[0]))
+        start = time.perf_counter()
+        train_compiled = train_step.lower(*state, x, y).compile()
+        compile_train = time.perf_counter() - start
 
     def jax_forward():
         forward_compiled(variables, x).block_until_ready()
@@ -133,6 +137,7 @@ def benchmark(model_name: str, fusion: str | None = None, batch: int = 32, size:
     per_round = {name: np.asarray(values) for name, values in seconds.items()}
     return {
         'model': model_name, 'fusion': fusion, 'batch': batch, 'size': size, 'dtype': dtype,
+        'conv': conv,
         'iters': iters, 'rounds': rounds, 'shared_weights': shared_weights,
         'machine': f'{platform.processor() or platform.machine()}, {jax.devices()[0].platform}, '
                    f'torch threads {torch.get_num_threads()}',
@@ -157,9 +162,11 @@ def main() -> None:
     parser.add_argument('--rounds', type=int, default=5)
     parser.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'),
                         help='JAX compute dtype (PyTorch runs float32)')
+    parser.add_argument('--conv', default='gemm', choices=conv_lib.IMPLEMENTATIONS,
+                        help="aff_jax.conv implementation ('xla': XLA's own convolutions)")
     args = parser.parse_args()
     print(json.dumps(benchmark(args.model, args.fusion, args.batch, args.size, args.iters,
-                               args.rounds, dtype=args.dtype), indent=2))
+                               args.rounds, dtype=args.dtype, conv=args.conv), indent=2))
 
 
 if __name__ == '__main__':
