@@ -382,8 +382,14 @@ def test_a_tfds_dataset_trains(tmp_path, train_env):
     assert rows[-1]['step'] == TINY_RUN['num_train_steps']
 
 
+# Sweep recipes (base + grid, an argument required): every cell of theirs is checked and built
+# in tests/test_ablation_configs.py.
+SWEEP_CONFIGS = ('ablation_context.py', 'ablation_integration.py')
+
+
 @pytest.mark.parametrize('path, args', [
-    *((p.name, ()) for p in sorted((REPO / 'configs').glob('*.py'))),
+    *((p.name, ()) for p in sorted((REPO / 'configs').glob('*.py'))
+      if p.name not in SWEEP_CONFIGS),
     ('cifar100_aff_resnet32.py', ('step',)),
 ])
 def test_every_shipped_config_is_valid_and_builds_its_model(path, args):
