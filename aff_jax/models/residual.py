@@ -48,6 +48,20 @@ class SequentialNames:
         self._index += 1
 
 
+def deep_stem(h: jax.Array, conv: ConvDef, norm: NormDef, width: int, train: bool,
+              names: SequentialNames) -> jax.Array:
+    """The official ImageNet hosts' deep stem (ResNet-C): 3x3 stride-2 conv, BN, ReLU, 3x3
+    conv, BN, ReLU, 3x3 conv to ``2 * width``, its children named by ``names`` (ReLUs take an
+    index). (N, H, W, C) -> (N, ceil(H/2), ceil(W/2), 2 * width); no BN after the last conv."""
+    h = conv(width, 3, stride=2, padding=1, name=names())(h)
+    h = nn.relu(norm(name=names())(h, train))
+    names.skip()
+    h = conv(width, 3, padding=1, name=names())(h)
+    h = nn.relu(norm(name=names())(h, train))
+    names.skip()
+    return conv(width * 2, 3, padding=1, name=names())(h)
+
+
 FUSION_ORDERS = ('paper', 'official')
 
 

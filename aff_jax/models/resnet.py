@@ -18,7 +18,7 @@ from aff_jax.fusion import FusionFactory
 from aff_jax.layers import StatsRule, check_nhwc, max_pool_3x3_s2
 from aff_jax.models.features import head_or_features
 from aff_jax.models.residual import (ConvDef, NormDef, Scope, SequentialNames, Shortcut, Stage,
-                                     layer_defs, short_skip_pair, stage_fusion)
+                                     deep_stem, layer_defs, short_skip_pair, stage_fusion)
 
 
 class Bottleneck(nn.Module):
@@ -86,14 +86,7 @@ class AFFResNet(nn.Module):
         x = x.astype(self.dtype)
         if self.deep_stem:
             def stem(h):
-                names = SequentialNames()
-                h = conv(self.stem_width, 3, stride=2, padding=1, name=names())(h)
-                h = nn.relu(norm(name=names())(h, train))
-                names.skip()
-                h = conv(self.stem_width, 3, padding=1, name=names())(h)
-                h = nn.relu(norm(name=names())(h, train))
-                names.skip()
-                return conv(self.stem_width * 2, 3, padding=1, name=names())(h)
+                return deep_stem(h, conv, norm, self.stem_width, train, SequentialNames())
             x = Scope(stem, name='conv1')(x)
         else:
             x = conv(64, 7, stride=2, padding=3, name='conv1')(x)

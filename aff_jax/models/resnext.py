@@ -19,7 +19,7 @@ from aff_jax.fusion import FusionFactory
 from aff_jax.layers import StatsRule, check_nhwc, max_pool_3x3_s2
 from aff_jax.models.features import head_or_features
 from aff_jax.models.residual import (ConvDef, NormDef, Scope, SequentialNames, Shortcut, Stage,
-                                     layer_defs, short_skip_pair, stage_fusion)
+                                     deep_stem, layer_defs, short_skip_pair, stage_fusion)
 
 
 class ResNeXtBlock(nn.Module):
@@ -130,13 +130,7 @@ class AFFResNeXt(nn.Module):
         def features(h):
             names = SequentialNames()
             if self.deep_stem:
-                h = conv(self.stem_width, 3, stride=2, padding=1, name=names())(h)
-                h = nn.relu(norm(name=names())(h, train))
-                names.skip()
-                h = conv(self.stem_width, 3, padding=1, name=names())(h)
-                h = nn.relu(norm(name=names())(h, train))
-                names.skip()
-                h = conv(self.stem_width * 2, 3, padding=1, name=names())(h)
+                h = deep_stem(h, conv, norm, self.stem_width, train, names)
             else:
                 h = conv(64, 7, stride=2, padding=3, name=names())(h)
             h = nn.relu(norm(name=names())(h, train))
