@@ -67,6 +67,12 @@ def benchmark(model_name: str, fusion: str | None = None, batch: int = 32, size:
     the GEMM weight gradients)."""
     import torch
 
+    on_gpu = jax.default_backend() == 'gpu'
+    if on_gpu and not torch.cuda.is_available():
+        raise RuntimeError('JAX runs on a GPU but this PyTorch build sees no CUDA device: the '
+                           'ratio would compare a GPU against a CPU')
+    torch_device = torch.device('cuda' if on_gpu else 'cpu')
+    torch.backends.cudnn.benchmark = on_gpu
     reference, shared_weights = _reference(model_name, fusion, small_input)
     model = _jax_model(model_name, fusion, small_input, jnp.dtype(dtype))
     rng = np.random.default_rng(0)
@@ -112,19 +118,32 @@ def benchmark(model_name: str, fusion: str | None = None, batch: int = 32, size:
         state[:] = train_compiled(*state, x, y)
         jax.block_until_ready(state[0])
 
-    xt, yt = torch.from_numpy(x_nchw), torch.from_numpy(labels)
+    memory_format = torch.channels_last if on_gpu else torch.contiguous_format
+    reference = reference.to(torch_device, memory_format=memory_format)
+    xt = torch.from_numpy(x_nchw).to(torch_device).contiguous(memory_format=memory_format)
+    yt = torch.from_numpy(labels).to(torch_device)
     optimizer = torch.optim.SGD(reference.parameters(), lr=0.01, momentum=0.9)
+    autocast = functools.partial(torch.autocast, torch_device.type, dtype=torch.bfloat16,
+                                 enabled=dtype == 'bfloat16' and on_gpu)
+
+    def synchronize():
+        if on_gpu:
+            torch.cuda.synchronize()
 
     def torch_forward():
         reference.eval()
-        with torch.no_grad():
+        with torch.no_grad(), autocast():
             reference(xt)
+        synchronize()
 
     def torch_train():
         reference.train()
         optimizer.zero_grad()
-        torch.nn.functional.cross_entropy(reference(xt), yt).backward()
+        with autocast():
+            loss = torch.nn.functional.cross_entropy(reference(xt).float(), yt)
+        loss.backward()
         optimizer.step()
+        synchronize()
 
     sides = {'jax_forward': jax_forward, 'torch_forward': torch_forward,
              'jax_train': jax_train, 'torch_train': torch_train}
@@ -139,8 +158,11 @@ def benchmark(model_name: str, fusion: str | None = None, batch: int = 32, size:
         'model': model_name, 'fusion': fusion, 'batch': batch, 'size': size, 'dtype': dtype,
         'conv': conv,
         'iters': iters, 'rounds': rounds, 'shared_weights': shared_weights,
-        'machine': f'{platform.processor() or platform.machine()}, {jax.devices()[0].platform}, '
-                   f'torch threads {torch.get_num_threads()}',
+        'machine': f'{platform.processor() or platform.machine()}, '
+                   f'{jax.devices()[0].device_kind}, torch {torch.__version__} on '
+                   f'{torch.cuda.get_device_name() if on_gpu else "CPU"}, '
+                   f'{torch.get_num_threads()} torch threads, jax {jax.__version__}',
+        'torch_autocast_bf16': dtype == 'bfloat16' and on_gpu,
         'jax_compile_s': {'forward': compile_forward, 'train_step': compile_train},
         'images_per_s': {name: float(np.median(batch / s)) for name, s in per_round.items()},
         'ratio_jax_over_torch': {
@@ -161,7 +183,7 @@ def main() -> None:
     parser.add_argument('--iters', type=int, default=3, help='steps per side per round')
     parser.add_argument('--rounds', type=int, default=5)
     parser.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'),
-                        help='JAX compute dtype (PyTorch runs float32)')
+                        help='JAX compute dtype (PyTorch: float32 on CPU, autocast to it on GPU)')
     parser.add_argument('--conv', default='gemm', choices=conv_lib.IMPLEMENTATIONS,
                         help="aff_jax.conv implementation ('xla': XLA's own convolutions)")
     args = parser.parse_args()

@@ -191,6 +191,8 @@ def test_flops_and_parameters_per_image_against_a_closed_form():
     conv = 2 * taps_per_axis ** 2 * 3 * 8
     fully_connected = 2 * 200 * 5 + 5
     assert summary.flops_per_image(model, variables, (10, 10, 3)) == conv + fully_connected
+    assert summary.describe('m', 1234, 2.5e8) == 'model m: 1,234 parameters, 0.25 GFLOPs per image'
+    assert summary.describe('m', 1234, None) == 'model m: 1,234 parameters, GFLOPs per image unknown'
 
 
 # Divergence on device -------------------------------------------------------------------------
