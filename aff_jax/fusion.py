@@ -15,6 +15,14 @@ X = low-level, Y = high-level; same layer X = small kernel, Y = large kernel (th
 
 A gate is ``M = sigmoid(context)``. Gates and blends are computed in float32 whatever ``dtype`` is.
 
+Gates on request: applied with ``mutable=['intermediates']``, every gated scheme records its gate
+``M`` as ``gate`` (float32, broadcast to the fused shape ``(N, H, W, C)``; iAFF also records its
+first-stage gate as ``initial_gate``), and every context branch records its logits as ``logits``
+under its own path (``local_att``: ``(N, H, W, C)``, ``global_att``: ``(N, 1, 1, C)``; a branch
+called twice, iAFF's ``global_att`` with ``reuse_global``, records two). Without that collection
+mutable nothing is recorded and nothing extra is traced, so the compiled programs of training and
+evaluation are those of the plain modules. ``aff_jax.explain.attention_maps`` collects the gates.
+
 Submodule names follow the official code so weights map one-to-one onto the PyTorch port's
 ``state_dict`` and the Gluon ``.params`` names: ``local_att`` (children ``0`` conv, ``1`` BN,
 ``3`` conv, ``4`` BN), ``global_att`` (``1`` conv, ``2`` BN, ``4`` conv, ``5`` BN: index 0 is the
@@ -38,6 +46,17 @@ import jax.numpy as jnp
 from flax.typing import Dtype
 
 from aff_jax.layers import BatchNorm, StatsRule, check_nhwc, conv2d, global_avg_pool
+
+
+INTERMEDIATES = 'intermediates'
+
+
+def _record(module: nn.Module, name: str, value: Callable[[], jax.Array]) -> None:
+    """Sow ``value()`` as ``name`` when the caller made ``INTERMEDIATES`` mutable. A thunk, and
+    checked first: ``sow`` itself would be a no-op, but computing its argument (a broadcast)
+    would still add operations to every traced program."""
+    if module.is_mutable_collection(INTERMEDIATES):
+        module.sow(INTERMEDIATES, name, value())
 
 
 def _inter_channels(channels: int, r: int) -> int:
@@ -79,7 +98,9 @@ class _Bottleneck(nn.Module):
         z = BatchNorm(name=str(first + 1), **bn)(z, train)
         z = nn.relu(z)
         z = conv2d(self.channels, 1, bias=True, name=str(first + 3), **kw)(z)
-        return BatchNorm(name=str(first + 4), **bn)(z, train)
+        logits = BatchNorm(name=str(first + 4), **bn)(z, train)
+        _record(self, 'logits', lambda: logits)
+        return logits
 
 
 class _FusionBase(nn.Module):
@@ -123,6 +144,7 @@ class MSCAM(_FusionBase):
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         check_nhwc(x, 'x')
         gate = jax.nn.sigmoid(self._context(('local', 'global'), x, x.shape[-1], train))
+        _record(self, 'gate', lambda: gate)
         return (x.astype(jnp.float32) * gate).astype(self.dtype)
 
 
@@ -153,6 +175,7 @@ class GatedFusion(_FusionBase):
         if self.gate_on not in inputs:
             raise ValueError(f"gate_on must be one of {sorted(inputs)}, got {self.gate_on!r}")
         gate = jax.nn.sigmoid(self._context(self.context, inputs[self.gate_on](), x.shape[-1], train))
+        _record(self, 'gate', lambda: jnp.broadcast_to(gate, x.shape))
         x32, y32 = x.astype(jnp.float32), y.astype(jnp.float32)
         if self.combine == 'select':
             z = self.scale * (gate * x32 + (1.0 - gate) * y32)
@@ -270,16 +293,18 @@ class IAFF(_FusionBase):
         local2 = _Bottleneck(channels, inter, False, name='local_att2', **branch)
         global2 = _Bottleneck(channels, inter, True, name='global_att2', **branch)
 
-        def blend(logits):
+        def blend(logits, name):
             gate = jax.nn.sigmoid(logits.astype(jnp.float32))
+            _record(self, name, lambda: gate)
             return gate * x32 + (1.0 - gate) * y32
 
         xa = x + y
-        xi = blend(local1(xa, train).astype(jnp.float32) + global1(xa, train)).astype(self.dtype)
+        xi = blend(local1(xa, train).astype(jnp.float32) + global1(xa, train),
+                   'initial_gate').astype(self.dtype)
         second_global = global1 if self.reuse_global else global2
         if self.reuse_global and self.is_initializing():
             global2(xi, train)
-        z = blend(local2(xi, train).astype(jnp.float32) + second_global(xi, train))
+        z = blend(local2(xi, train).astype(jnp.float32) + second_global(xi, train), 'gate')
         return z.astype(self.dtype)
 
 

@@ -385,8 +385,8 @@ def test_a_tfds_dataset_trains(tmp_path, train_env):
 
 
 # Sweep recipes (base + grid, an argument required): every cell of theirs is checked and built
-# in tests/test_ablation_configs.py.
-SWEEP_CONFIGS = ('ablation_context.py', 'ablation_integration.py')
+# in tests/test_ablation_configs.py (pointing_game.py's in tests/test_explain.py).
+SWEEP_CONFIGS = ('ablation_context.py', 'ablation_integration.py', 'pointing_game.py')
 
 
 @pytest.mark.parametrize('path, args', [

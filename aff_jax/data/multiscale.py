@@ -9,12 +9,19 @@ glyph of another class (4 or 5 pixels per cell, 14-17 pixels). The most salient 
 then never the answer: the label sits in a few pixels, the case MS-CAM's local context is
 meant for (Dai et al., WACV 2021, Sec. 3).
 
+Each example also records `bbox`, the small glyph's bounding box: int32 `(ymin, xmin, ymax,
+xmax)`, the first and last pixel rows and columns of its tile (dark border included), so that
+`python -m aff_jax.explain --pointing-game` can check where a model looks (version 1.1.0; the
+images, labels and their order are those of 1.0.0).
+
 All glyphs are symmetric under a horizontal flip and keep a 4-pixel margin from the border,
 so flip and pad-4 random-crop augmentation never change or hide the label.
 
 Generation is pure numpy, seeded per (split, index), so every build writes the same images;
 PNG encoding uses pillow, so neither generating nor reading needs TensorFlow.
 """
+
+from typing import NamedTuple
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -98,8 +105,9 @@ def _draw_glyph(image, rng, label, cell, top, left):
     image[y0:y1, x0:x1] = tile[y0 - top:y1 - top, x0 - left:x1 - left]
 
 
-def render(rng: np.random.Generator, label: int) -> np.ndarray:
-    """One image whose small glyph has class `label`; (32, 32, 3) uint8."""
+def render(rng: np.random.Generator, label: int) -> tuple[np.ndarray, np.ndarray]:
+    """One image whose small glyph has class `label`, (32, 32, 3) uint8, and that glyph's
+    bounding box, int32 (ymin, xmin, ymax, xmax), inclusive pixel indices."""
     image = _background(rng)
     for _ in range(rng.integers(1, 4)):
         image[_large_shape_mask(rng)] = rng.uniform(40, 215, 3)
@@ -113,18 +121,34 @@ def render(rng: np.random.Generator, label: int) -> np.ndarray:
     top, left = rng.integers(_MARGIN, IMAGE_SIZE - _MARGIN - side + 1, 2)
     _draw_glyph(image, rng, label, cell, top, left)
     image += rng.normal(0.0, _NOISE_STD, image.shape)
-    return np.clip(np.rint(image), 0, 255).astype(np.uint8)
+    bbox = np.array([top, left, top + side - 1, left + side - 1], np.int32)
+    return np.clip(np.rint(image), 0, 255).astype(np.uint8), bbox
 
 
-def example(split: str, index: int) -> tuple[np.ndarray, int]:
-    """Example `index` of `split`: ((32, 32, 3) uint8 image, label). Labels cycle 0..9."""
+class Example(NamedTuple):
+    """`image` (32, 32, 3) uint8, `label` int, `bbox` int32 (ymin, xmin, ymax, xmax) of the
+    small glyph, inclusive pixel indices."""
+    image: np.ndarray
+    label: int
+    bbox: np.ndarray
+
+
+def example(split: str, index: int) -> Example:
+    """Example `index` of `split`. Labels cycle 0..9."""
     label = index % NUM_CLASSES
-    return render(np.random.default_rng([_SPLIT_SEEDS[split], index]), label), label
+    image, bbox = render(np.random.default_rng([_SPLIT_SEEDS[split], index]), label)
+    return Example(image, label, bbox)
 
 
 class AffMultiscale(GeneratedBuilder):
     """TFDS builder of `aff_multiscale`; prepare with `file_format='array_record'`."""
 
+    VERSION = tfds.core.Version('1.1.0')
+    RELEASE_NOTES = {
+        '1.0.0': 'First release.',
+        '1.1.0': "Adds 'bbox', the small glyph's bounding box (int32 ymin, xmin, ymax, xmax, "
+                 'inclusive pixels); images, labels and their order are unchanged.',
+    }
     SPLIT_SIZES = SPLIT_SIZES
     SUPERVISED_KEYS = ('image', 'label')
 
@@ -132,8 +156,9 @@ class AffMultiscale(GeneratedBuilder):
         return tfds.features.FeaturesDict({
             'image': tfds.features.Image(shape=(IMAGE_SIZE, IMAGE_SIZE, 3)),
             'label': tfds.features.ClassLabel(names=CLASS_NAMES),
+            'bbox': tfds.features.Tensor(shape=(4,), dtype=np.int32),
         })
 
     def record(self, split: str, index: int) -> dict:
-        image, label = example(split, index)
-        return {'image': encode_png(image), 'label': label}
+        image, label, bbox = example(split, index)
+        return {'image': encode_png(image), 'label': label, 'bbox': bbox}

@@ -199,22 +199,67 @@ def evaluate_saved(config: ml_collections.ConfigDict, workdir: str | pathlib.Pat
                    split: str = 'test', init_from: str | None = None) -> Evaluation:
     """Score saved weights on ``split`` with the trainer's sharded eval step.
 
-    The weights: the newest complete checkpoint in ``workdir/checkpoints``, or with
-    ``init_from`` an Orbax directory of converted variables, taken as a run with that
-    ``config.init_from`` would start from it (``init_skip`` and a segmentation model's backbone
-    alike). The workdir's lock is held while its checkpoints are open: opening them removes
-    unfinished saves, which would be a live run's. Raises RunError in one line: the config
-    (``check_config``, ``build_experiment``), an unknown split, no checkpoint, a checkpoint of
-    another model or one that does not restore, weights that do not fit.
+    The weights: those ``restored`` gives (the newest complete checkpoint in
+    ``workdir/checkpoints``, or ``init_from`` converted variables). Raises RunError in one
+    line: the config (``check_config``, ``build_experiment``), an unknown split, and what
+    ``restored`` raises.
     """
     check_config(config)
     if split not in SPLITS:
         raise ConfigError(f'unknown split {split!r}; the datasets have {" and ".join(SPLITS)}')
+    with restored(config, workdir, init_from) as saved:
+        exp = saved.exp
+        eval_step = steps.make_eval_step(exp.model, exp.task.eval_sums, saved.shardings,
+                                         mesh_lib.batch_sharding(exp.mesh))
+        scores = evaluate(exp, eval_step, saved.state,
+                          _dataset(exp, split, config.eval_batch_size, train=False))
+    return Evaluation(saved.step, split, saved.source, scores, exp.task)
+
+
+@dataclasses.dataclass(frozen=True)
+class Restored:
+    """Saved weights ready to run: the experiment ``exp``, the ``state`` laid out by
+    ``shardings`` on ``exp.mesh``, the checkpoint's ``step`` (None for ``init_from`` weights)
+    and the ``source`` (the checkpoint's directory or the weights' path)."""
+    exp: Experiment
+    state: state_lib.TrainState
+    shardings: state_lib.TrainState
+    step: int | None
+    source: str
+
+    def eval_batches(self, split: str = 'test'
+                     ) -> Iterator[tuple[dict[str, np.ndarray], dict[str, jax.Array]]]:
+        """This process's batches of ``split`` as evaluation reads them (storage order, eval
+        preprocessing, the last batch padded with mask 0), each with its global arrays sharded
+        on ``data`` as the eval step takes them."""
+        config = self.exp.config
+        sharding = mesh_lib.batch_sharding(self.exp.mesh)
+        with contextlib.closing(iter(_dataset(self.exp, split, config.eval_batch_size,
+                                              train=False))) as batches:
+            for batch in batches:
+                yield batch, _to_global(batch, sharding, config.eval_batch_size)
+
+
+def _no_checkpoint(directory: pathlib.Path) -> RunError:
+    return RunError(f'no checkpoint in {directory}; train one with python -m train, or give '
+                    f'converted weights with --init_from')
+
+
+@contextlib.contextmanager
+def restored(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
+             init_from: str | None = None) -> Iterator[Restored]:
+    """The newest complete checkpoint in ``workdir/checkpoints`` restored onto ``config``'s
+    mesh, or with ``init_from`` an Orbax directory of converted variables, taken as a run with
+    that ``config.init_from`` would start from it (``init_skip`` and a segmentation model's
+    backbone alike). ``config`` must have passed ``check_config``. Inside the block the mesh
+    and the convolution implementation are set, and the workdir's lock is held while its
+    checkpoints are open: opening them removes unfinished saves, which would be a live run's.
+    Raises RunError in one line: the config (``build_experiment``), no checkpoint, a
+    checkpoint of another model or one that does not restore, weights that do not fit.
+    """
     directory = pathlib.Path(workdir).absolute() / CHECKPOINT_DIR
-    no_checkpoint = RunError(f'no checkpoint in {directory}; train one with python -m train, '
-                             f'or give converted weights with --init_from')
     if init_from is None and not directory.is_dir():
-        raise no_checkpoint  # before the Checkpointer, which would create the directory
+        raise _no_checkpoint(directory)  # before the Checkpointer, which would create it
     if init_from is not None and not os.path.isdir(init_from):
         raise ConfigError(f'--init_from {init_from}: no such directory (an Orbax checkpoint '
                           f'written by python -m aff_jax.interop.convert)')
@@ -233,7 +278,7 @@ def evaluate_saved(config: ml_collections.ConfigDict, workdir: str | pathlib.Pat
                 directory, config.checkpoint_every_steps, config.keep_checkpoints))
             saved = checkpointer.steps()
             if not saved:
-                raise no_checkpoint
+                raise _no_checkpoint(directory)
             step = saved[-1]
             try:
                 mismatches = checkpointer.mismatches(step, abstract_state)
@@ -254,11 +299,22 @@ def evaluate_saved(config: ml_collections.ConfigDict, workdir: str | pathlib.Pat
                 state_lib.create_state(init_fn, shardings, init_rng), init_from,
                 config.init_skip, shardings, *_pretrained_target(exp.model))
             step, source = None, os.path.abspath(init_from)
-        eval_step = steps.make_eval_step(exp.model, exp.task.eval_sums, shardings,
-                                         mesh_lib.batch_sharding(exp.mesh))
-        scores = evaluate(exp, eval_step, state,
-                          _dataset(exp, split, config.eval_batch_size, train=False))
-    return Evaluation(step, split, source, scores, exp.task)
+        yield Restored(exp, state, shardings, step, source)
+
+
+def newest_saved_config(workdir: str | pathlib.Path) -> dict:
+    """The config (as saved: JSON, tuples read back as lists) of the newest complete
+    checkpoint in ``workdir/checkpoints``, read under the workdir's lock as ``restored``
+    reads it. Raises RunError when there is no checkpoint."""
+    directory = pathlib.Path(workdir).absolute() / CHECKPOINT_DIR
+    if not directory.is_dir():
+        raise _no_checkpoint(directory)
+    # The policies only act on saves, and this one saves nothing: keep everything regardless.
+    with WorkdirLock(directory.parent), Checkpointer(directory, 1, sys.maxsize) as checkpointer:
+        saved = checkpointer.steps()
+        if not saved:
+            raise _no_checkpoint(directory)
+        return checkpointer.saved_config(saved[-1])
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> RunResult:
