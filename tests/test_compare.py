@@ -8,6 +8,7 @@ import torch
 
 import aff_jax
 from aff_jax import compare
+from aff_jax.compare import cli
 from aff_jax.interop import convert
 from aff_jax.interop import torch as aff_torch
 from aff_jax.reference import torch_port
@@ -31,36 +32,39 @@ def resnet50_checkpoint(tmp_path_factory):
 
 
 def test_compare_prints_the_per_layer_table(resnet50_checkpoint, capsys):
-    code = compare.main(['--model', 'tv_resnet50', '--checkpoint', str(resnet50_checkpoint),
-                         '--batch', '2', '--size', '64'])
+    code = cli.main(['--model', 'tv_resnet50', '--checkpoint', str(resnet50_checkpoint),
+                     '--batch', '2', '--size', '64'])
     out = capsys.readouterr().out.splitlines()
-    assert out[0].split()[:2] == ['layer', 'shape']
-    layers = [line.split()[0] for line in out[1:-1]]
+    assert out[0].startswith('JAX float32 vs reference float32')
+    assert out[1].split()[:3] == ['kind', 'name', 'shape']
+    assert {line.split()[0] for line in out[2:-1]} == {'activation'}
+    layers = [line.split()[1] for line in out[2:-1]]
     # Execution order of the port, every block and the fusion internals included.
     for name in ('conv1', 'bn1', 'layer1.0.conv1', 'layer1.0.fuse_mode.local_att.0',
                  'layer1.0.fuse_mode.global_att.5', 'layer1.0.fuse_mode', 'layer4.2', 'fc'):
         assert name in layers
     assert layers.index('layer1.0.conv1') < layers.index('layer1.0.fuse_mode') < layers.index('fc')
     assert out[-1].endswith(': none') and code == 0
-    first_rows = {line.split()[0]: line.split() for line in out[1:6]}
+    first_rows = {line.split()[1]: line.split() for line in out[2:7]}
     assert float(first_rows['conv1'][-2]) <= 1e-5  # max rel diff of the stem conv
 
 
 def test_compare_names_the_first_diverging_layer(resnet50_checkpoint, capsys):
-    code = compare.main(['--model', 'tv_resnet50', '--checkpoint', str(resnet50_checkpoint),
-                         '--batch', '2', '--size', '64', '--json',
-                         '--perturb', 'layer3.1.conv2.weight'])
+    code = cli.main(['--model', 'tv_resnet50', '--checkpoint', str(resnet50_checkpoint),
+                     '--batch', '2', '--size', '64', '--json',
+                     '--perturb', 'layer3.1.conv2.weight'])
     result = json.loads(capsys.readouterr().out)
     assert code == 1
-    assert result['first_divergence'] == 'layer3.1.conv2'
-    rows = {row['layer']: row for row in result['layers']}
+    assert (result['first_divergence']['kind'], result['first_divergence']['name']) == (
+        'activation', 'layer3.1.conv2')
+    rows = {row['name']: row for row in result['rows']}
     assert rows['layer3.1.conv1']['max_rel'] < 1e-4
     assert rows['layer3.1.conv2']['max_rel'] > 1e-2
 
 
 def test_compare_rejects_unknown_weight(resnet50_checkpoint, capsys):
-    code = compare.main(['--model', 'tv_resnet50', '--checkpoint', str(resnet50_checkpoint),
-                         '--perturb', 'layer9.weight'])
+    code = cli.main(['--model', 'tv_resnet50', '--checkpoint', str(resnet50_checkpoint),
+                     '--perturb', 'layer9.weight'])
     assert code == 2 and "layer9.weight" in capsys.readouterr().err
 
 

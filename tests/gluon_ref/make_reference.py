@@ -1,11 +1,12 @@
 """Write MXNet reference outputs for an official open-aff preset (run with the mxnet venv).
 
-    python make_reference.py PRESET OUT_DIR [--layers 1,1,1] [--batch 2] [--size 32]
-                             [--seed 0] [--load PARAMS] [--values]
+    PYTHONPATH=aff_jax/reference/gluon python make_reference.py PRESET OUT_DIR [--layers 1,1,1]
+                             [--batch 2] [--size 32] [--seed 0] [--load PARAMS] [--values]
 
-Builds the preset from `official_gluon`, draws every parameter from a seeded generator (or, with
-`--load`, takes them from a `.params` file through `load_parameters`, strictly), runs one NCHW
-float32 input in inference mode (BatchNorm on running statistics) and writes to OUT_DIR:
+Builds the preset with `official_gluon.build` (in aff_jax/reference/gluon, hence the
+PYTHONPATH), draws every parameter from a seeded generator (or, with `--load`, takes them
+from a `.params` file through `load_parameters`, strictly), runs one NCHW float32
+input in inference mode (BatchNorm on running statistics) and writes to OUT_DIR:
 
 - `model.params`: `save_parameters` of the net (structural names, MXNet layouts);
 - `reference.npz`: `input` (N, 3, H, W) and `logits` (N, classes), both float32;
@@ -30,36 +31,7 @@ import mxnet as mx
 import numpy as np
 from mxnet.gluon import nn
 
-from official_gluon import AFFResNet, AFFResNeXt, CIFARAFFResNet, CIFARAFFResNeXt
-
-_AFF, _IAFF = 'ASKCFuse', 'ResGlobLocaforGlobLocaCha'
-_CIFAR_CHANNELS = [64, 64, 128, 256]
-
-# name -> (class, constructor arguments, default input size)
-PRESETS = {
-    'cifar_resnet32': (CIFARAFFResNet, dict(askc_type='DirectAdd', start_layer=1, layers=[5] * 3,
-                                            channels=_CIFAR_CHANNELS, classes=100), 32),
-    'cifar_aff_resnet32': (CIFARAFFResNet, dict(askc_type=_AFF, start_layer=1, layers=[5] * 3,
-                                                channels=_CIFAR_CHANNELS, classes=100), 32),
-    'cifar_iaff_resnet32': (CIFARAFFResNet, dict(askc_type=_IAFF, start_layer=1, layers=[5] * 3,
-                                                 channels=_CIFAR_CHANNELS, classes=100), 32),
-    'cifar_aff_resnext38_32x4d': (CIFARAFFResNeXt, dict(
-        askc_type=_AFF, start_layer=1, layers=[4] * 3, channels=_CIFAR_CHANNELS,
-        cardinality=32, bottleneck_width=4, classes=100), 32),
-    'cifar_aff_resnext47_32x4d': (CIFARAFFResNeXt, dict(
-        askc_type=_AFF, start_layer=1, layers=[5] * 3, channels=_CIFAR_CHANNELS,
-        cardinality=32, bottleneck_width=4, classes=100), 32),
-    'aff_resnet50': (AFFResNet, dict(askc_type=_AFF, start_layer=3, layers=[3, 4, 6, 3],
-                                     classes=1000), 56),
-    'iaff_resnet50': (AFFResNet, dict(askc_type=_IAFF, start_layer=3, layers=[3, 4, 6, 3],
-                                      classes=1000), 56),
-    'aff_resnext50_32x4d': (AFFResNeXt, dict(askc_type=_AFF, start_layer=3, layers=[3, 4, 6, 3],
-                                             cardinality=32, bottleneck_width=4,
-                                             classes=1000), 56),
-    'iaff_resnext50_32x4d': (AFFResNeXt, dict(askc_type=_IAFF, start_layer=3,
-                                              layers=[3, 4, 6, 3], cardinality=32,
-                                              bottleneck_width=4, classes=1000), 56),
-}
+from official_gluon import PRESETS, build
 
 
 def _draw(name, shape, rng):
@@ -110,16 +82,12 @@ def main():
     parser.add_argument('--values', action='store_true', help='also write values.npz')
     args = parser.parse_args()
 
-    cls, kwargs, default_size = PRESETS[args.preset]
-    if args.layers:
-        layers = [int(n) for n in args.layers.split(',')]
-        if len(layers) != len(kwargs['layers']):
-            parser.error(f'{args.preset} has {len(kwargs["layers"])} stages, got --layers '
-                         f'{args.layers}')
-        kwargs = dict(kwargs, layers=layers)
-    net = cls(**kwargs)
+    try:
+        net = build(args.preset, [int(n) for n in args.layers.split(',')] if args.layers else None)
+    except ValueError as err:
+        parser.error(str(err))
     rng = np.random.RandomState(args.seed)
-    size = args.size or default_size
+    size = args.size or PRESETS[args.preset][2]
     x = mx.nd.array(_images(rng, args.batch, size), dtype='float32')
 
     params = net._collect_params_with_prefix()  # what save_parameters writes; no public API

@@ -1,6 +1,6 @@
 """Gluon (MXNet 1.x) models mirroring the official open-aff definitions.
 
-Written for the MXNet parity tests from the published `model/fusion.py`, `model/block.py` and
+Written for the MXNet parity tests and `python -m aff_jax.compare` from the published `model/fusion.py`, `model/block.py` and
 `model/classification.py`: class names, constructor arguments, attribute names, the order in
 which children are registered and the explicit prefixes follow them, so `save_parameters`
 writes the official structural names (`features.3.0.attention.local_att.0.weight`) in the
@@ -8,8 +8,9 @@ official order. Only what the presets use is kept: BatchNorm as the norm layer, 
 stems, no SE branch, no dilation, no dropout, no CIFAR deep stem, and no `last_gamma` choice
 (it only picks an initialiser; the tests draw every weight themselves).
 
-Imports mxnet: runs only under the dedicated venv's interpreter (mxnet==1.9.1, numpy<1.24).
-Arrays are NCHW.
+Imports mxnet: runs only under the dedicated venv's interpreter (mxnet==1.9.1, numpy<1.24),
+as a sibling module of the scripts that use it (this directory on `sys.path`), never through
+the `aff_jax` package. Arrays are NCHW.
 """
 import math
 
@@ -316,3 +317,49 @@ class AFFResNeXt(HybridBlock):
 
     def hybrid_forward(self, F, x):
         return self.output(self.features(x))
+
+
+_AFF, _IAFF = 'ASKCFuse', 'ResGlobLocaforGlobLocaCha'
+_CIFAR_CHANNELS = [64, 64, 128, 256]
+
+# aff_jax preset name -> (class, constructor arguments, default input size), as the official
+# train_cifar.py / train_imagenet.py build them.
+PRESETS = {
+    'cifar_resnet32': (CIFARAFFResNet, dict(askc_type='DirectAdd', start_layer=1, layers=[5] * 3,
+                                            channels=_CIFAR_CHANNELS, classes=100), 32),
+    'cifar_aff_resnet32': (CIFARAFFResNet, dict(askc_type=_AFF, start_layer=1, layers=[5] * 3,
+                                                channels=_CIFAR_CHANNELS, classes=100), 32),
+    'cifar_iaff_resnet32': (CIFARAFFResNet, dict(askc_type=_IAFF, start_layer=1, layers=[5] * 3,
+                                                 channels=_CIFAR_CHANNELS, classes=100), 32),
+    'cifar_aff_resnext38_32x4d': (CIFARAFFResNeXt, dict(
+        askc_type=_AFF, start_layer=1, layers=[4] * 3, channels=_CIFAR_CHANNELS,
+        cardinality=32, bottleneck_width=4, classes=100), 32),
+    'cifar_aff_resnext47_32x4d': (CIFARAFFResNeXt, dict(
+        askc_type=_AFF, start_layer=1, layers=[5] * 3, channels=_CIFAR_CHANNELS,
+        cardinality=32, bottleneck_width=4, classes=100), 32),
+    'aff_resnet50': (AFFResNet, dict(askc_type=_AFF, start_layer=3, layers=[3, 4, 6, 3],
+                                     classes=1000), 56),
+    'iaff_resnet50': (AFFResNet, dict(askc_type=_IAFF, start_layer=3, layers=[3, 4, 6, 3],
+                                      classes=1000), 56),
+    'aff_resnext50_32x4d': (AFFResNeXt, dict(askc_type=_AFF, start_layer=3, layers=[3, 4, 6, 3],
+                                             cardinality=32, bottleneck_width=4,
+                                             classes=1000), 56),
+    'iaff_resnext50_32x4d': (AFFResNeXt, dict(askc_type=_IAFF, start_layer=3,
+                                              layers=[3, 4, 6, 3], cardinality=32,
+                                              bottleneck_width=4, classes=1000), 56),
+}
+
+
+def build(preset, layers=None, classes=None):
+    """The Gluon model of `preset`, uninitialised; `layers` (blocks per stage, e.g. [1, 1, 1])
+    and `classes` replace the preset's."""
+    if preset not in PRESETS:
+        raise ValueError(f'unknown preset {preset!r}; expected one of {sorted(PRESETS)}')
+    cls, kwargs, _ = PRESETS[preset]
+    if layers:
+        if len(layers) != len(kwargs['layers']):
+            raise ValueError(f'{preset} has {len(kwargs["layers"])} stages, got layers={layers}')
+        kwargs = dict(kwargs, layers=list(layers))
+    if classes:
+        kwargs = dict(kwargs, classes=classes)
+    return cls(**kwargs)

@@ -1,0 +1,5 @@
+import sys
+
+from aff_jax.compare.cli import main
+
+sys.exit(main())

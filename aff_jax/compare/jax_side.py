@@ -1,0 +1,82 @@
+"""The JAX side: a flax module's :class:`~aff_jax.compare.runs.Run` for a case.
+
+Activations come from ``capture_intermediates``; variables are handed over to the reference's
+names by a ``names(model, variables) -> {name: array}`` function (``aff_jax.interop.torch.
+to_state_dict`` or ``aff_jax.interop.mxnet.to_params``).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Mapping
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from aff_jax.compare.runs import OUTPUT, Case, Run
+
+Names = Callable[[Any, Mapping[str, Any]], dict[str, np.ndarray]]
+
+
+def _activations(intermediates: Mapping[str, Any], output: jax.Array) -> list[tuple[str, np.ndarray]]:
+    """Dotted module path -> output of its first call (array outputs only), then the model's."""
+    acts = []
+    for path, outputs in flax.traverse_util.flatten_dict(dict(intermediates)).items():
+        if path[-1] == '__call__' and len(path) > 1 and isinstance(outputs[0], jax.Array):
+            acts.append(('.'.join(path[:-1]), np.asarray(outputs[0])))
+    return acts + [(OUTPUT, np.asarray(output))]
+
+
+def output_shape(model: Any, variables: Mapping[str, Any], inputs: tuple[np.ndarray, ...]
+                 ) -> tuple[int, ...]:
+    """The shape of ``model``'s output on ``inputs`` (abstract evaluation, nothing computed)."""
+    out = jax.eval_shape(lambda v, *xs: model.apply(v, *xs, train=False), dict(variables), *inputs)
+    return tuple(out.shape)
+
+
+# Module-level and jitted with the model static, so that comparing one model instance again
+# (another reference, mode or step count) reuses the compiled functions.
+@functools.partial(jax.jit, static_argnums=0)
+def _eval_pass(model: Any, variables: Mapping[str, Any], inputs: tuple) -> tuple:
+    """(output, intermediates) in inference mode."""
+    out, state = model.apply(variables, *inputs, train=False, capture_intermediates=True,
+                             mutable=['intermediates'])
+    return out, state['intermediates']
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _train_pass(model: Any, params: Any, stats: Any, inputs: tuple, labels: jax.Array) -> tuple:
+    """((output, intermediates, new batch_stats), grads) of the mean softmax cross-entropy over
+    the output's last axis, in train mode."""
+    def loss(params):
+        out, state = model.apply({'params': params, 'batch_stats': stats}, *inputs, train=True,
+                                 capture_intermediates=True, mutable=['batch_stats', 'intermediates'])
+        value = optax.softmax_cross_entropy_with_integer_labels(out.astype(jnp.float32), labels)
+        return value.mean(), (out, state['intermediates'], state['batch_stats'])
+
+    (_, aux), grads = jax.value_and_grad(loss, has_aux=True)(params)
+    return aux, grads
+
+
+def run(model: Any, variables: Mapping[str, Any], case: Case, names: Names) -> Run:
+    """``model`` (holding ``variables``: ``{'params', 'batch_stats'}``) on ``case``."""
+    inputs = tuple(jnp.asarray(x) for x in case.inputs)
+    if case.mode == 'eval':
+        out, intermediates = _eval_pass(model, dict(variables), inputs)
+        return Run(_activations(intermediates, out))
+    params, stats = variables['params'], variables.get('batch_stats', {})
+    labels = jnp.asarray(case.labels)
+    result = None
+    for _ in range(max(case.steps, 1)):
+        (out, intermediates, new_stats), grads = _train_pass(model, params, stats, inputs, labels)
+        if result is None:
+            result = Run(_activations(intermediates, out),
+                         stats=names(model, {'params': params, 'batch_stats': new_stats}),
+                         grads=names(model, {'params': grads, 'batch_stats': new_stats}))
+        if case.steps:
+            params = jax.tree.map(lambda p, g: p - case.learning_rate * g, params, grads)
+            stats = new_stats
+            result.states.append(names(model, {'params': params, 'batch_stats': stats}))
+    return result
