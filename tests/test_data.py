@@ -1,6 +1,7 @@
 """Data layer: the embedded dataset, sources, augmentation and grain pipelines."""
 
 import collections
+import hashlib
 import os
 
 import numpy as np
@@ -23,12 +24,14 @@ def data_dir(tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def stored(data_dir):
-    """split -> (images (N, 32, 32, 3) uint8, labels (N,)) in storage order, read by tfds."""
+    """split -> (images (N, 32, 32, 3) uint8, labels (N,), boxes (N, 4)) in storage order, read
+    by tfds."""
     splits = {}
     for split, size in multiscale.SPLIT_SIZES.items():
         records = tfds.data_source(NAME, split=split, data_dir=data_dir).__getitems__(range(size))
         splits[split] = (np.stack([r['image'] for r in records]),
-                         np.array([r['label'] for r in records]))
+                         np.array([r['label'] for r in records]),
+                         np.stack([r['bbox'] for r in records]))
     return splits
 
 
@@ -56,16 +59,59 @@ def test_multiscale_info_and_balanced_labels(data_dir, stored):
         mean=multiscale.MEAN, std=multiscale.STD, augment='cifar',
     )
     for split, size in multiscale.SPLIT_SIZES.items():
-        _, labels = stored[split]
+        _, labels, _ = stored[split]
         assert collections.Counter(labels.tolist()) == {c: size // 10 for c in range(10)}
 
 
 def test_multiscale_stores_exactly_the_generator_output(stored):
-    images, labels = stored['test']
+    images, labels, boxes = stored['test']
     expected = [multiscale.example('test', i) for i in range(multiscale.SPLIT_SIZES['test'])]
-    on_disk = dict(zip(_keys(images), labels.tolist()))
+    on_disk = dict(zip(_keys(images), zip(labels.tolist(), map(tuple, boxes.tolist()))))
     assert len(on_disk) == len(expected)  # no duplicate images
-    assert on_disk == {image.tobytes(): label for image, label in expected}
+    assert on_disk == {e.image.tobytes(): (e.label, tuple(e.bbox.tolist())) for e in expected}
+
+
+# sha256 of every (image bytes, label byte) of a split in index order, as version 1.0.0 (no
+# boxes) generated them: adding the boxes in 1.1.0 changed no pixel and no label, so the quick
+# start trains on the same data and keeps its documented accuracy.
+IMAGES_OF_VERSION_1_0_0 = {
+    'test': '3f5a63b2a6deba1dc726a09fb40b6d99bfc160362b1e485431e574dff9a8f2dd',
+    'train': '2fc818fd6f6c09ea925a30a7ab2637ddf3da90c8593386221e3133f88968fb08',
+}
+
+
+@pytest.mark.parametrize('split', sorted(IMAGES_OF_VERSION_1_0_0))
+def test_multiscale_images_and_labels_are_those_of_version_1_0_0(split):
+    digest = hashlib.sha256()
+    for index in range(multiscale.SPLIT_SIZES[split]):
+        image, label, _ = multiscale.example(split, index)
+        digest.update(image.tobytes())
+        digest.update(bytes([label]))
+    assert digest.hexdigest() == IMAGES_OF_VERSION_1_0_0[split]
+
+
+def test_multiscale_version_and_release_notes():
+    builder = multiscale.AffMultiscale
+    assert str(builder.VERSION) == '1.1.0'
+    assert 'bbox' in builder.RELEASE_NOTES['1.1.0'] and 'unchanged' in builder.RELEASE_NOTES['1.1.0']
+
+
+def test_multiscale_box_holds_the_label_glyph(stored):
+    """Inside each box: a one-pixel dark border around the label's 3x3 pattern at 1 or 2
+    pixels per cell, light cells and dark ones split at mid-grey (noise std 6 cannot cross)."""
+    images, labels, boxes = stored['test']
+    sides = set()
+    for image, label, (y0, x0, y1, x1) in zip(images, labels, boxes):
+        tile = image[y0:y1 + 1, x0:x1 + 1].mean(axis=-1) > 127.5
+        side = tile.shape[0]
+        assert tile.shape == (side, side) and (side - 2) % 3 == 0
+        cell = (side - 2) // 3
+        assert not tile[0].any() and not tile[-1].any()
+        assert not tile[:, 0].any() and not tile[:, -1].any()
+        pattern = multiscale.GLYPHS[label].repeat(cell, axis=0).repeat(cell, axis=1)
+        np.testing.assert_array_equal(tile[1:-1, 1:-1], pattern)
+        sides.add(side)
+    assert sides == {5, 8}
 
 
 def test_multiscale_build_is_byte_identical(data_dir, tmp_path):
@@ -78,7 +124,7 @@ def test_multiscale_build_is_byte_identical(data_dir, tmp_path):
 
 
 def test_multiscale_mean_std_constants_match_train_split(stored):
-    images, _ = stored['train']
+    images, *_ = stored['train']
     pixels = images.reshape(-1, 3) / 255.0
     np.testing.assert_allclose(pixels.mean(0), multiscale.MEAN, atol=1e-3)
     np.testing.assert_allclose(pixels.std(0), multiscale.STD, atol=1e-3)
@@ -111,7 +157,7 @@ def test_same_seed_same_batches_other_seed_other_batches(data_dir):
 
 
 def test_train_epochs_are_permutations_reshuffled_each_epoch(data_dir, stored):
-    images, _ = stored['test']
+    images, *_ = stored['test']
     it = _iterator(data_dir, batch_size=100, augment_kind='none')
     epochs = [[k for _ in range(10) for k in _keys(_to_uint8(next(it)['image']))] for _ in range(2)]
     for epoch in epochs:
@@ -120,7 +166,7 @@ def test_train_epochs_are_permutations_reshuffled_each_epoch(data_dir, stored):
 
 
 def test_process_shards_are_disjoint_and_cover_an_epoch(data_dir, stored):
-    images, _ = stored['test']
+    images, *_ = stored['test']
     seen = []
     for process in range(2):
         it = _iterator(data_dir, batch_size=50, augment_kind='none',
@@ -172,7 +218,7 @@ def test_start_batch_continues_the_stream_for_any_workers_and_processes(data_dir
 # ---------------------------------------------------------------- evaluation
 
 def test_eval_reads_every_example_once_over_processes_with_padding(data_dir, stored):
-    images, labels = stored['test']
+    images, labels, _ = stored['test']
     expected = collections.Counter(zip(_keys(images), labels.tolist()))
     seen, batch_counts = collections.Counter(), []
     for process in range(3):
@@ -191,7 +237,7 @@ def test_eval_reads_every_example_once_over_processes_with_padding(data_dir, sto
 
 
 def test_eval_is_unshuffled_and_unaugmented(data_dir, stored):
-    images, _ = stored['test']
+    images, *_ = stored['test']
     batch = next(_iterator(data_dir, train=False, batch_size=5, seed=7))
     np.testing.assert_array_equal(_to_uint8(batch['image']), images[:5])
 

@@ -45,4 +45,4 @@ def attention_maps(model: nn.Module, variables: Mapping[str, Any], images: jax.A
     """
     _, recorded = model.apply(without_intermediates(variables), images, train=False,
                               mutable=[INTERMEDIATES])
-    return collect(recorded[INTERMEDIATES])
+    return collect(recorded.get(INTERMEDIATES, {}))
