@@ -13,12 +13,9 @@ table's order). The scenarios, their laptop-scale sizes and the paper-scale vari
 so a scheme in both tables is trained the same way in both; an unknown argument is a
 one-line error listing the valid ones.
 
-AFF's factor in the short skip: ``aff`` blends with the official preset's factor 2, the
-other soft selection ``sk`` with the paper's factor 1 (there is no keyword that sets a factor
-for the soft-selection schemes alone: ``add``, ``concat`` and ``iaff`` have no ``scale``).
-Measured with AFF itself, factor 1 stays at chance after 300 steps (10.7%) where factor 2
-reaches 50.1%; read the short skip's ``sk`` row with that in mind. Same layer and long skip:
-factor 1 for both.
+The soft-selection factor: in the short skip both soft selections, ``sk`` and ``aff``, blend
+with the official preset's factor 2 (configs/ablation_context.py explains why); in the same
+layer and the long skip, with the paper's factor 1.
 
 Sizing, with configs/ablation_context.py's measurements (AFF, on this 2-core machine while
 shared with other jobs; add and concat are cheaper per step, iAFF dearer): per fusion and

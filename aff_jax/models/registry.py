@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -192,11 +192,15 @@ def create_model(name: str, num_classes: int | None = None,
     (``fusion.factory(...)`` or any ``functools.partial`` of a fusion module) used as is.
     ``overrides``: any field of the host (``layers``, ``small_input``, ``start_layer``,
     ``channels``, ``zero_init_last_bn``, ``fusion_order``, ``param_dtype``, ``features_only``,
-    ``out_indices``, ...), plus ``r`` and ``fusion_options`` (a dict of fusion fields, e.g.
-    ``{'scale': 1.0}``). Unknown keys raise.
+    ``out_indices``, ...), plus ``r``, ``fusion_options`` (a dict of fusion fields, e.g.
+    ``{'scale': 1.0}``) and ``scheme_options`` (fusion fields per scheme name, e.g.
+    ``{'sk': {'scale': 2.0}}``: the entry of the scheme in use applies, so one setting serves a
+    sweep over fusions whose schemes take different fields; every entry is checked against its
+    scheme). A scheme's fields: the preset's, then ``scheme_options``', then
+    ``fusion_options``'. Unknown keys raise.
 
     Segmentation models: ``fusion`` (default ``'aff'``, the paper's factor 1), ``r``,
-    ``fusion_options`` and ``upsample`` are the decoder's long-skip settings, and
+    ``fusion_options``, ``scheme_options`` and ``upsample`` are the decoder's long-skip settings, and
     ``pyramid_channels`` (FPN) or ``decoder_channels`` (U-Net) its widths; ``backbone`` names a
     classification preset (``fpn``, ``unet``); every other key goes to the backbone, and a
     ``backbone_`` prefix sends a key the decoder also has there (``backbone_fusion='iaff'``,
@@ -210,23 +214,39 @@ def create_model(name: str, num_classes: int | None = None,
     r = overrides.pop('r', spec.r)
     stats_rule = overrides.pop('stats_rule', spec.stats_rule)
     fusion_options = dict(overrides.pop('fusion_options', None) or {})
+    scheme_options = overrides.pop('scheme_options', None)
     fields = dict(spec.fields, dtype=dtype, **({} if num_classes is None else {'num_classes': num_classes}))
     host_fields = set(spec.host.__dataclass_fields__) - {'parent', 'name', 'fusion'}
     unknown = sorted(set(overrides) - host_fields)
     if unknown:
         raise TypeError(f'model {name!r} has no option(s) {unknown}; it takes '
-                        f'{sorted(host_fields | {"r", "fusion_options"})}')
+                        f'{sorted(host_fields | {"r", "fusion_options", "scheme_options"})}')
     fields.update(overrides)
     if fusion is None or isinstance(fusion, str):
         scheme = spec.fusion if fusion is None else fusion
         fusion_lib.scheme(scheme)
-        options = {**spec.fusion_options.get(scheme, {}), **fusion_options}
         defaults = dict(r=r, stats_rule=stats_rule, dtype=dtype,
                         param_dtype=fields.get('param_dtype', jnp.float32))
+        options = {**spec.fusion_options.get(scheme, {}),
+                   **_options_of(scheme, scheme_options, defaults), **fusion_options}
         fusion = fusion_lib.factory(scheme, defaults, **options)
-    elif fusion_options:
-        raise TypeError('fusion_options applies to a fusion given by name, not to a factory')
+    elif fusion_options or scheme_options:
+        raise TypeError('fusion_options and scheme_options apply to a fusion given by name, '
+                        'not to a factory')
     return spec.host(fusion=fusion, stats_rule=stats_rule, **fields)
+
+
+def _options_of(scheme: str, scheme_options: Mapping[str, Mapping[str, Any]] | None,
+                host_defaults: dict[str, Any]) -> dict[str, Any]:
+    """``scheme``'s entry of ``scheme_options`` (``{}`` if none), after checking every entry:
+    an unknown scheme name raises a ValueError, a field its scheme lacks a TypeError."""
+    scheme_options = dict(scheme_options or {})
+    for name, options in scheme_options.items():
+        if name not in fusion_lib.names():
+            raise ValueError(f'scheme_options: unknown fusion {name!r}; known: '
+                             f'{", ".join(fusion_lib.names())}')
+        fusion_lib.factory(name, host_defaults, **options)
+    return dict(scheme_options.get(scheme, {}))
 
 
 def _create_segmentation(name: str, num_classes: int | None,
@@ -244,6 +264,7 @@ def _create_segmentation(name: str, num_classes: int | None,
     fields = dict(spec.fields)
     skip_fields = {key: LongSkipFusion.__dataclass_fields__[key].default
                    for key in ('r', 'upsample', 'fusion_options')}
+    scheme_options = overrides.pop('scheme_options', None)
     backbone_fields = dict(spec.backbone_fields)
     for key, value in overrides.items():
         if key in skip_fields:
@@ -260,8 +281,17 @@ def _create_segmentation(name: str, num_classes: int | None,
     stats_rule = _PRESETS[backbone].stats_rule
     param_dtype = fields.get('param_dtype', jnp.float32)
     # Built once here, so the fusion name and its options are checked now.
-    skip_fusion = fusion_factory(spec.fusion if fusion is None else fusion, skip_fields['r'],
-                                 skip_fields['fusion_options'], stats_rule, dtype, param_dtype)
+    fusion = spec.fusion if fusion is None else fusion
+    fusion_options = skip_fields['fusion_options']
+    if isinstance(fusion, str):
+        defaults = dict(r=skip_fields['r'], stats_rule=stats_rule, dtype=dtype,
+                        param_dtype=param_dtype)
+        fusion_options = {**_options_of(fusion, scheme_options, defaults),
+                          **(fusion_options or {})}
+    elif scheme_options:
+        raise TypeError('scheme_options applies to a fusion given by name, not to a factory')
+    skip_fusion = fusion_factory(fusion, skip_fields['r'], fusion_options, stats_rule, dtype,
+                                 param_dtype)
     skip = functools.partial(LongSkipFusion, fusion=skip_fusion,
                              upsample=skip_fields['upsample'], dtype=dtype,
                              param_dtype=param_dtype)
