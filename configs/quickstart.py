@@ -29,6 +29,10 @@ def get_config():
     # At these widths (8-32 channels) XLA's own convolutions beat the GEMM weight gradients
     # (83 vs 96 ms per step on 2 CPU cores).
     c.conv_implementation = 'xla'
+    # Full float32 on GPUs too: when this small task leaves its initial plateau depends on
+    # rounding, and with TF32 convolutions (a GPU's default) seeds 0 and 2 ended at 20.7% and
+    # 44.6% (seed 1: 93.2%); 'highest' reached 97.4% (seed 0, 400 steps). No effect on CPUs.
+    c.matmul_precision = 'highest'
     c.log_every_steps = 20
     c.eval_every_steps = 200
     c.checkpoint_every_steps = 200

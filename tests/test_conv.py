@@ -150,3 +150,28 @@ def test_config_names_a_bad_conv_implementation():
     config.conv_implementation = 'cudnn'
     with pytest.raises(ConfigError, match='conv_implementation'):
         loop.check_config(config)
+
+
+def test_config_numerics_reach_what_is_traced_inside():
+    """``loop.numerics``: the config's conv implementation and matmul precision hold for code
+    traced inside it (the train and eval steps); a bad precision is named."""
+    from aff_jax.training import loop
+    from aff_jax.training.config import base_config
+    from aff_jax.training.errors import ConfigError
+
+    config = base_config()
+    x, w = jnp.ones((1, 8, 8, 4)), jnp.ones((3, 3, 4, 4))
+    conv = jax.jit(lambda x, w: conv_lib.conv2d(x, w, padding=((1, 1), (1, 1))))
+
+    def traced():  # the program's text and whether the custom gradient (GEMM) was traced
+        return conv.lower(x, w).as_text(), 'custom_vjp' in str(jax.make_jaxpr(conv)(x, w))
+
+    text, custom = traced()
+    assert 'HIGHEST' not in text and custom
+    config.matmul_precision, config.conv_implementation = 'highest', 'xla'
+    with loop.numerics(config):
+        text, custom = traced()
+    assert 'HIGHEST' in text and not custom
+    config.matmul_precision = 'tf32'
+    with pytest.raises(ConfigError, match="matmul_precision must be one of .*got 'tf32'"):
+        loop.check_config(config)

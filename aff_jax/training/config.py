@@ -36,6 +36,9 @@ def base_config() -> ml_collections.ConfigDict:
     # 'gemm': GEMM weight gradients on CPU and 1x1 convs as dots (1.7x faster training on
     # CPU); 'xla': XLA's own convolutions (aff_jax.conv). Same values to 1e-5, other rounding.
     c.conv_implementation = 'gemm'
+    # Precision of float32 convolutions and matmuls (jax.default_matmul_precision): None is the
+    # backend's default, on recent NVIDIA GPUs TF32 (10-bit mantissas); 'highest': full float32.
+    c.matmul_precision = config_dict.placeholder(str)
     # Fine-tuning: an Orbax checkpoint of {'params', 'batch_stats'} written by
     # `python -m aff_jax.interop.convert`; its variables replace the fresh initialisation of a
     # new run (a resumed run ignores it). init_skip: path prefixes kept fresh, e.g. ('fc',).

@@ -44,6 +44,7 @@ from aff_jax.training.workdir_lock import WorkdirLock
 CHECKPOINT_DIR = 'checkpoints'
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 RNG_IMPLS = ('rbg', 'unsafe_rbg', 'threefry2x32')
+MATMUL_PRECISIONS = (None, 'default', 'high', 'highest')
 POSITIVE_INT_KEYS = ('batch_size', 'eval_batch_size', 'num_train_steps', 'log_every_steps',
                      'eval_every_steps', 'checkpoint_every_steps', 'keep_checkpoints',
                      'distributed_timeout_s')
@@ -109,6 +110,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     if config.conv_implementation not in conv_lib.IMPLEMENTATIONS:
         raise ConfigError(f'config.conv_implementation must be one of '
                           f'{conv_lib.IMPLEMENTATIONS}, got {config.conv_implementation!r}')
+    if config.matmul_precision not in MATMUL_PRECISIONS:
+        raise ConfigError(f'config.matmul_precision must be one of {MATMUL_PRECISIONS}, got '
+                          f'{config.matmul_precision!r}')
     if config.rng_impl not in RNG_IMPLS:
         raise ConfigError(f'config.rng_impl must be one of {RNG_IMPLS}, got {config.rng_impl!r}')
     optimizer_lib.make_optimizer(config)
@@ -195,6 +199,15 @@ def evaluate(exp: Experiment, eval_step, state: state_lib.TrainState, eval_data
     return exp.task.scores(jax.device_get(totals))
 
 
+@contextlib.contextmanager
+def numerics(config: ml_collections.ConfigDict) -> Iterator[None]:
+    """The config's convolution implementation and float32 matmul precision, for whatever is
+    traced inside (the train and eval steps)."""
+    with conv_lib.implementation(config.conv_implementation), \
+            jax.default_matmul_precision(config.matmul_precision):
+        yield
+
+
 def evaluate_saved(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
                    split: str = 'test', init_from: str | None = None) -> Evaluation:
     """Score saved weights on ``split`` with the trainer's sharded eval step.
@@ -269,7 +282,7 @@ def restored(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
             resources.enter_context(WorkdirLock(directory.parent))
         exp = build_experiment(config)
         resources.enter_context(jax.set_mesh(exp.mesh))
-        resources.enter_context(conv_lib.implementation(config.conv_implementation))
+        resources.enter_context(numerics(config))
         tx = optimizer_lib.make_optimizer(config)
         init_fn, abstract_state, shardings = state_lib.state_layout(
             exp.model, tx, (1, *exp.input_shape), exp.mesh, exp.rules)
@@ -363,7 +376,7 @@ def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> RunResult:
         exp = build_experiment(config)
         signals = resources.enter_context(StopSignals())
         resources.enter_context(jax.set_mesh(exp.mesh))
-        resources.enter_context(conv_lib.implementation(config.conv_implementation))
+        resources.enter_context(numerics(config))
         layout = state_lib.state_layout(exp.model, tx, (1, *exp.input_shape), exp.mesh,
                                         exp.rules)
         _, abstract_state, shardings = layout
