@@ -1,5 +1,7 @@
 """`python -m aff_jax.compare` and `python -m aff_jax.interop.convert` on PyTorch-port checkpoints."""
+import copy
 import json
+import pathlib
 
 import jax.numpy as jnp
 import numpy as np
@@ -90,3 +92,143 @@ def test_convert_torch_checkpoint_to_orbax(tmp_path):
     logits = np.asarray(model.apply(restored, jnp.asarray(x), train=False))
     assert np.linalg.norm(logits - expected) / np.linalg.norm(expected) <= 1e-5
     assert aff_torch.port_fusion(reference.state_dict()) == 'iaff'
+
+
+# --- train mode, gradients and SGD steps against the PyTorch port --------------------------------
+
+@pytest.fixture(scope='module')
+def small_port():
+    """A tv_resnet18 AFF port, one block per stage, 3x3 stem, and the JAX model holding its
+    weights (one model instance, so its compiled passes are reused across the tests)."""
+    reference = torch_port.randomize_(torch_port.build_port(
+        'tv_resnet18', fusion='aff', layers=(1, 1, 1, 1), num_classes=10, small_input=True), 5)
+    model = aff_jax.create_model('tv_resnet18', num_classes=10, layers=(1, 1, 1, 1),
+                                 small_input=True)
+    return reference, model, aff_torch.from_state_dict(model, reference.state_dict())
+
+
+def _train_rows(small_port, reference, steps=2):
+    _, model, variables = small_port
+    return compare.compare(model, variables, compare.torch_reference(reference),
+                           compare.example_input(4, 16, seed=3), mode='train', steps=steps)
+
+
+def test_train_mode_and_sgd_steps_agree_with_the_port(small_port):
+    reference = small_port[0]
+    rows = _train_rows(small_port, reference)
+    assert compare.first_divergence(rows) is None
+    by_kind = {}
+    for row in rows:
+        by_kind.setdefault(row.kind, []).append(row)
+    assert list(by_kind) == ['activation', 'stat', 'grad', 'step1', 'step2']
+    state = reference.state_dict()
+    params = [name for name, _ in reference.named_parameters()]
+    # Every parameter's gradient, last layer first; every running statistic; every variable
+    # after each step.
+    assert [r.name for r in by_kind['grad']] == params[::-1]
+    assert {r.name for r in by_kind['stat']} == set(state) - set(params)
+    assert [r.name for r in by_kind['step2']] == list(state)
+    grads = {r.name: r for r in by_kind['grad']}
+    assert grads['conv1.weight'].max_rel < 2e-4 and grads['fc.weight'].max_rel < 1e-4
+    # The steps did move the weights (so agreeing after them means something).
+    case = compare.Case((compare.example_input(4, 16, seed=3),), 'train', np.arange(4), 2)
+    states = compare.torch_reference(reference)(case, 'float32').states
+    assert np.abs(states[1]['conv1.weight'] - state['conv1.weight'].numpy()).max() > 1e-3
+
+
+def test_changed_bn_momentum_is_located(small_port):
+    reference = copy.deepcopy(small_port[0])
+    reference.layer2[0].bn1.momentum = 0.2  # the port's 0.1 == flax 0.9
+    first = compare.first_divergence(_train_rows(small_port, reference, steps=0))
+    assert (first.kind, first.name) == ('stat', 'layer2.0.bn1.running_mean')
+
+
+def _biased_running_var(bn, inputs, output):
+    """Forward hook: undo the unbiased part of a train-mode running_var update (Gluon's rule)."""
+    if bn.training:
+        x = inputs[0].detach()
+        count = x.numel() // x.shape[1]
+        # .data: the batch_norm op keeps running_var among its inputs, so an in-place change
+        # of the tensor itself would invalidate the backward pass.
+        bn.running_var.data -= bn.momentum * x.var(dim=(0, 2, 3), unbiased=False) / (count - 1)
+
+
+def test_biased_variance_rule_is_located(small_port):
+    reference = copy.deepcopy(small_port[0])
+    reference.layer3[0].bn2.register_forward_hook(_biased_running_var)
+    rows = _train_rows(small_port, reference, steps=0)
+    first = compare.first_divergence(rows)
+    # Activations, means and gradients agree; that BatchNorm's running_var does not.
+    assert (first.kind, first.name) == ('stat', 'layer3.0.bn2.running_var')
+    assert compare.first_divergence([r for r in rows if r.kind in ('activation', 'grad')]) is None
+
+
+class _ScaledWeightGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, weight):
+        return weight.view_as(weight)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * 1.01
+
+
+class _GradScaledConv(torch.nn.Conv2d):
+    """A conv whose forward is exact and whose weight gradient is 1% too large."""
+
+    def forward(self, x):
+        return self._conv_forward(x, _ScaledWeightGrad.apply(self.weight), self.bias)
+
+
+def test_a_gradient_difference_is_located_in_backward_order(small_port):
+    reference = copy.deepcopy(small_port[0])
+    reference.layer3[0].conv2.__class__ = _GradScaledConv
+    rows = _train_rows(small_port, reference, steps=0)
+    first = compare.first_divergence(rows)
+    assert (first.kind, first.name) == ('grad', 'layer3.0.conv2.weight')
+    assert compare.first_divergence([r for r in rows if r.kind in ('activation', 'stat')]) is None
+
+
+def test_bfloat16_run_against_the_float32_port(small_port, tmp_path, capsys):
+    reference = small_port[0]
+    path = tmp_path / 'port.pth'
+    torch.save(reference.state_dict(), path)
+    args = ['--model', 'tv_resnet18', '--checkpoint', str(path), '--layers', '1,1,1,1',
+            '--small-input', '--size', '16', '--batch', '4', '--dtype', 'bfloat16']
+    assert cli.main(args) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == ('JAX bfloat16 vs reference float32; noise = reference float32 vs float64, '
+                      'scaled by 65536 (bfloat16 / float32 machine epsilon)')
+    rows = {line.split()[1]: float(line.split()[-2]) for line in out[2:-1]}
+    assert 1e-4 < rows['(output)'] < 0.1  # bf16 rounding is visible, and bounded
+    assert cli.main(args + ['--perturb', 'layer2.0.conv1.weight', '--json']) == 1
+    first = json.loads(capsys.readouterr().out)['first_divergence']
+    assert (first['kind'], first['name']) == ('activation', 'layer2.0.conv1')
+
+
+def test_compare_rejects_bad_options(small_port):
+    reference, model, variables = small_port
+    x = compare.example_input(2, 16, seed=0)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        compare.compare(model, variables, compare.torch_reference(reference), x, mode='training')
+    with pytest.raises(ValueError, match="steps=2 needs mode='train'"):
+        compare.compare(model, variables, compare.torch_reference(reference), x, steps=2)
+
+
+# --- the README's example ------------------------------------------------------------------------
+
+def _readme_example() -> str:
+    readme = (pathlib.Path(__file__).parents[1] / 'README.md').read_text()
+    section = readme.split('### Comparing your own module', 1)[1]
+    return section.split('```python\n', 1)[1].split('```', 1)[0]
+
+
+def test_readme_example_compares_a_bare_aff_with_a_handwritten_torch_aff(capsys):
+    namespace = {}
+    exec(compile(_readme_example(), 'README.md', 'exec'), namespace)
+    rows = namespace['rows']
+    assert compare.first_divergence(rows) is None
+    names = [r.name for r in rows if r.kind == 'activation']
+    assert names[-1] == compare.OUTPUT and 'global_att.5' in names and 'local_att.0' in names
+    assert {r.kind for r in rows} == {'activation', 'stat', 'grad', 'step1'}
+    assert 'global_att.5.running_var' in capsys.readouterr().out

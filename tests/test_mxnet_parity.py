@@ -7,8 +7,10 @@ stop at CPython 3.11: the venv uses `$AFF_JAX_MXNET_PYTHON`, else this interpret
 <= 3.11, else python3.11 / python3.10 from PATH. The shared libraries it loads beyond its
 wheel are libgomp.so.1 and libquadmath.so.0 (Debian: libgomp1, libquadmath0).
 
-The scripts in tests/gluon_ref run under that venv: `make_reference.py` (official Gluon models
-with drawn weights -> .params, input, logits, parameter table) and `nd_io.py` (mx.nd load/save).
+The scripts in tests/gluon_ref run under that venv, with aff_jax/reference/gluon (the official
+Gluon models) on their path: `make_reference.py` (official Gluon models with drawn weights ->
+.params, input, logits, parameter table) and `nd_io.py` (mx.nd load/save). `python -m
+aff_jax.compare` runs the official presets against Gluon in the same venv.
 """
 import fcntl
 import json
@@ -21,7 +23,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from aff_jax import compare
+from aff_jax.compare import cli, mxnet_side
 from aff_jax.interop import mxnet as aff_mx
+from aff_jax.reference import gluon
 
 REQUIREMENTS = ('mxnet==1.9.1', 'numpy<1.24')
 GLUON_REF = Path(__file__).parent / 'gluon_ref'
@@ -31,11 +36,9 @@ _NETWORK_FAILURES = ('NewConnectionError', 'ConnectTimeoutError', 'Failed to est
                      'unreachable', 'ProxyError', 'Max retries exceeded', 'ReadTimeoutError')
 
 
-def _venv_dir():
-    if 'AFF_JAX_MXNET_VENV' in os.environ:
-        return Path(os.environ['AFF_JAX_MXNET_VENV'])
-    cache = Path(os.environ.get('XDG_CACHE_HOME', Path.home() / '.cache'))
-    return cache / 'aff-jax' / 'mxnet-venv'
+# Read at import, before conftest's session fixture points XDG_CACHE_HOME at a temporary
+# directory: the venv is the user's cached one, not rebuilt per session.
+_VENV = mxnet_side.default_venv()
 
 
 def _base_python():
@@ -82,7 +85,7 @@ def _build_venv(venv, marker):
 @pytest.fixture(scope='session')
 def mxnet_python():
     """Path of the python of a venv holding mxnet 1.9.1 (built on first use, then reused)."""
-    venv = _venv_dir()
+    venv = _VENV
     venv.parent.mkdir(parents=True, exist_ok=True)
     marker = venv / '.aff-jax-complete'
     with open(venv.parent / f'{venv.name}.lock', 'w') as lock:
@@ -97,7 +100,8 @@ def run_gluon(mxnet_python):
     """run_gluon(script, *args): run a tests/gluon_ref script under the mxnet venv."""
     def run(script, *args):
         result = subprocess.run([str(mxnet_python), str(GLUON_REF / script), *map(str, args)],
-                                capture_output=True, text=True)
+                                capture_output=True, text=True,
+                                env=dict(os.environ, PYTHONPATH=str(gluon.DIRECTORY)))
         if result.returncode:
             pytest.fail(f'{script} {" ".join(map(str, args))} failed:\n{_tail(result.stderr)}')
     return run
@@ -269,3 +273,75 @@ def test_convert_official_checkpoint_for_inference(gluon_reference, tmp_path):
                          jnp.asarray(reference['input'].transpose(0, 2, 3, 1)), train=False)
     expected = reference['logits']
     assert np.linalg.norm(np.asarray(logits) - expected) / np.linalg.norm(expected) <= 1e-5
+
+
+# --- python -m aff_jax.compare against Gluon ----------------------------------------------------
+
+# Reduced depth (one block per stage) and small inputs: the same structure, compiled quickly.
+_ONE_BLOCK = {'cifar': ((1, 1, 1), 16), 'imagenet': ((1, 1, 1, 1), 32)}
+# MXNet updates BatchNorm running statistics in the backward pass, which never runs for the
+# CIFAR ResNets' input BN (no learned parameters, fed the data): Gluon keeps its initial
+# statistics while the JAX model updates them. Rows known to differ until the model follows.
+_INPUT_BN_STATS = {'features.0.running_mean', 'features.0.running_var'}
+
+
+@pytest.mark.parametrize('preset', [
+    'cifar_resnet32', 'cifar_aff_resnet32', 'cifar_iaff_resnet32', 'cifar_aff_resnext38_32x4d',
+    'cifar_aff_resnext47_32x4d', 'aff_resnet50', 'iaff_resnet50', 'aff_resnext50_32x4d',
+    'iaff_resnext50_32x4d'])
+def test_official_preset_matches_gluon_in_eval_and_train_mode(gluon_reference, mxnet_python,
+                                                               preset):
+    import aff_jax
+
+    layers, size = _ONE_BLOCK['cifar' if preset.startswith('cifar') else 'imagenet']
+    params = gluon_reference(preset, ','.join(map(str, layers))) / 'model.params'
+    model = aff_jax.create_model(preset, layers=layers)
+    variables = aff_mx.from_params(model, aff_mx.load_params(params))
+    reference = compare.mxnet_reference(preset, params, layers=layers, python=str(mxnet_python))
+    x = compare.example_input(4, size, seed=0)
+    eval_rows = compare.compare(model, variables, reference, x, names=aff_mx.to_params)
+    assert compare.first_divergence(eval_rows) is None
+    assert eval_rows[-1].name == compare.OUTPUT and len(eval_rows) > 20
+    train_rows = compare.compare(model, variables, reference, x, mode='train', steps=1,
+                                 names=aff_mx.to_params)
+    known = [r for r in train_rows if r.name in _INPUT_BN_STATS]
+    if preset.startswith('cifar_') and 'resnext' not in preset:
+        assert {r.kind for r in known} == {'stat', 'step1'}
+        assert all(r.max_rel > 1e-2 and r.noise_rel == 0.0 for r in known)
+    else:
+        assert not known
+    rest = [r for r in train_rows if r.name not in _INPUT_BN_STATS]
+    assert compare.first_divergence(rest) is None
+    kinds = {r.kind for r in rest}
+    assert kinds == {'activation', 'stat', 'grad', 'step1'}
+    table = json.loads((params.parent / 'params.json').read_text())
+    trainable = [e['name'] for e in table if e['grad_req'] != 'null']
+    assert [r.name for r in rest if r.kind == 'grad'] == trainable[::-1]
+
+
+def test_compare_cli_locates_a_perturbed_official_weight(gluon_reference, mxnet_python, capsys):
+    params = gluon_reference('cifar_aff_resnet32', '1,1,1') / 'model.params'
+    code = cli.main(['--model', 'cifar_aff_resnet32', '--checkpoint', str(params),
+                     '--layers', '1,1,1', '--size', '16', '--json', '--mxnet-python',
+                     str(mxnet_python), '--perturb', 'features.3.0.resfwd.2.weight'])
+    result = json.loads(capsys.readouterr().out)
+    assert code == 1
+    first = result['first_divergence']
+    assert (first['kind'], first['name']) == ('activation', 'features.3.0.resfwd.2')
+    rows = {row['name']: row for row in result['rows']}
+    assert rows['features.3.0.resfwd.0']['max_rel'] < 1e-5
+
+
+def test_compare_without_mxnet_is_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv('AFF_JAX_MXNET_PYTHON', raising=False)
+    monkeypatch.setenv('AFF_JAX_MXNET_VENV', str(tmp_path / 'no-venv'))
+    args = ['--model', 'cifar_aff_resnet32', '--checkpoint', str(tmp_path / 'missing.params')]
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert 'no Python with mxnet was found' in err and '--mxnet-python' in err
+    assert 'AFF_JAX_MXNET_PYTHON' in err
+    assert cli.main(args + ['--mxnet-python', sys.executable]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f'error: {sys.executable} cannot import mxnet: give a Python with mxnet==1.9.1 ' \
+                  f'and numpy<1.24 installed'

@@ -25,10 +25,12 @@ import numpy as np
 from aff_jax.compare import jax_side
 from aff_jax.compare.mxnet_side import MXNetUnavailable, mxnet_reference
 from aff_jax.compare.runs import MODES, OUTPUT, Case, Run
-from aff_jax.compare.table import Row, default_tolerance, first_divergence, format_table, max_diff, noise_scale
+from aff_jax.compare.table import (Row, default_noise_factor, default_tolerance, first_divergence,
+                                   format_table, max_diff, noise_scale)
 from aff_jax.compare.torch_side import torch_reference
 
-__all__ = ['Case', 'MXNetUnavailable', 'OUTPUT', 'Row', 'Run', 'compare', 'default_tolerance',
+__all__ = ['Case', 'MXNetUnavailable', 'OUTPUT', 'Row', 'Run', 'compare', 'default_noise_factor',
+           'default_tolerance',
            'example_input', 'first_divergence', 'format_table', 'mxnet_reference',
            'torch_reference']
 

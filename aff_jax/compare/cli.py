@@ -127,10 +127,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument('--size', type=int, default=64, help='input height and width')
     parser.add_argument('--seed', type=int, default=0, help='input and labels')
     parser.add_argument('--tolerance', type=float, default=None,
-                        help='max rel diff always allowed (default 1e-5 in float32, scaled by '
-                             'the noise scale in bfloat16)')
-    parser.add_argument('--noise-factor', type=float, default=10.0,
-                        help='max rel diff allowed, in units of the reference float32 noise')
+                        help='max rel diff always allowed (default 1e-5 in float32, 2^-7 in '
+                             'bfloat16)')
+    parser.add_argument('--noise-factor', type=float, default=None,
+                        help='max rel diff allowed, in units of the noise column (default 10 in '
+                             'float32, 4 in bfloat16)')
     parser.add_argument('--perturb', metavar='KEY', default=None,
                         help='add 1.0 to the first element of this weight on the reference side '
                              '(to see where a known difference surfaces)')
@@ -141,20 +142,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     tolerance = (compare_lib.default_tolerance(args.dtype) if args.tolerance is None
                  else args.tolerance)
+    noise_factor = (compare_lib.default_noise_factor(args.dtype) if args.noise_factor is None
+                    else args.noise_factor)
     try:
         with tempfile.TemporaryDirectory(prefix='aff_jax_compare_') as workdir:
             rows, dtype = run(args, workdir)
     except (ValueError, KeyError, FileNotFoundError, RuntimeError) as err:
         print(f'error: {err}', file=sys.stderr)
         return 2
-    first = compare_lib.first_divergence(rows, tolerance, args.noise_factor)
+    first = compare_lib.first_divergence(rows, tolerance, noise_factor)
     if args.json:
         print(json.dumps({'rows': [dataclasses.asdict(r) for r in rows], 'dtype': dtype,
-                          'tolerance': tolerance, 'noise_factor': args.noise_factor,
+                          'tolerance': tolerance, 'noise_factor': noise_factor,
                           'first_divergence': dataclasses.asdict(first) if first else None}))
     else:
         print(compare_lib.format_table(rows, dtype))
         where = f'{first.kind} {first.name}' if first else 'none'
-        print(f'first divergence (rel diff > max({tolerance:g}, {args.noise_factor:g} x noise)): '
+        print(f'first divergence (rel diff > max({tolerance:g}, {noise_factor:g} x noise)): '
               f'{where}')
     return 1 if first else 0
