@@ -66,8 +66,8 @@ def torch_port_reference(name: str, state_dict: dict[str, np.ndarray], layers, s
     return compare_lib.torch_reference(module)
 
 
-def run(args: argparse.Namespace, workdir: str) -> tuple[list[compare_lib.Row], str]:
-    """(rows, JAX dtype) for the parsed command line; temporary files go to ``workdir``."""
+def run(args: argparse.Namespace, workdir: str) -> list[compare_lib.Row]:
+    """The rows for the parsed command line; temporary files go to ``workdir``."""
     family = _family(args.model)
     # Looked up before any work, so that a missing MXNet is reported at once.
     python = find_python(args.mxnet_python) if family == 'mxnet' else None
@@ -93,7 +93,7 @@ def run(args: argparse.Namespace, workdir: str) -> tuple[list[compare_lib.Row], 
                                                 python=python)
     rows = compare_lib.compare(model, variables, reference, x, mode=args.mode, steps=args.steps,
                                learning_rate=args.learning_rate, seed=args.seed, names=names)
-    return rows, args.dtype
+    return rows
 
 
 def _layers(text: str) -> tuple[int, ...]:
@@ -146,17 +146,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                     else args.noise_factor)
     try:
         with tempfile.TemporaryDirectory(prefix='aff_jax_compare_') as workdir:
-            rows, dtype = run(args, workdir)
+            rows = run(args, workdir)
     except (ValueError, KeyError, FileNotFoundError, RuntimeError) as err:
         print(f'error: {err}', file=sys.stderr)
         return 2
     first = compare_lib.first_divergence(rows, tolerance, noise_factor)
     if args.json:
-        print(json.dumps({'rows': [dataclasses.asdict(r) for r in rows], 'dtype': dtype,
+        print(json.dumps({'rows': [dataclasses.asdict(r) for r in rows], 'dtype': args.dtype,
                           'tolerance': tolerance, 'noise_factor': noise_factor,
                           'first_divergence': dataclasses.asdict(first) if first else None}))
     else:
-        print(compare_lib.format_table(rows, dtype))
+        print(compare_lib.format_table(rows, args.dtype))
         where = f'{first.kind} {first.name}' if first else 'none'
         print(f'first divergence (rel diff > max({tolerance:g}, {noise_factor:g} x noise)): '
               f'{where}')
