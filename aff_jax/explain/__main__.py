@@ -36,7 +36,8 @@ from aff_jax.explain import report
 from aff_jax.explain.gates import collect
 from aff_jax.explain.grad_cam import default_layer, grad_cam_and_outputs
 from aff_jax.explain.pointing import pointing_hits
-from aff_jax.training import loop, sweep
+from aff_jax.training import loop
+from aff_jax.training.config import from_tree
 from aff_jax.training import mesh as mesh_lib
 from aff_jax.training.errors import ConfigError, RunError
 
@@ -148,16 +149,14 @@ def explain_run(workdir: pathlib.Path, out: pathlib.Path, dataset: str | None = 
     returns what ``explain.json`` records. Raises RunError in one line."""
     if jax.process_count() > 1:
         raise RunError('python -m aff_jax.explain runs as one process')
-    tree = loop.newest_saved_config(workdir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / CONFIG_FILE).write_text(json.dumps(tree, indent=1) + '\n')
-    except OSError as e:
-        raise RunError(f'cannot write {out / CONFIG_FILE}: {e.strerror or e}') from e
-    config = sweep.cell_config(out / CONFIG_FILE)
+    config = from_tree(loop.newest_saved_config(workdir))
     if dataset is not None:
         config.dataset = dataset
+    try:
+        out.mkdir(parents=True, exist_ok=True)
         (out / CONFIG_FILE).write_text(config.to_json(indent=1) + '\n')
+    except OSError as e:
+        raise RunError(f'cannot write {out / CONFIG_FILE}: {e.strerror or e}') from e
     loop.check_config(config)
     if pointing_game and config.dataset != POINTING_DATASET:
         raise ConfigError(f'--pointing-game needs the target boxes that only '

@@ -219,6 +219,29 @@ def _flat_keys(config: ml_collections.ConfigDict, prefix: str = ''):
             yield f'{prefix}{name}'
 
 
+def from_tree(tree: dict) -> ml_collections.ConfigDict:
+    """A config saved as JSON (a checkpoint's, a sweep cell's ``config.json``) with the types
+    of ``base_config()``: lists as tuples, sub-dicts as ConfigDicts, keys it lacks added."""
+    config = base_config()
+    _fill(config, tree)
+    return config
+
+
+def _fill(node: ml_collections.ConfigDict, tree: dict) -> None:
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            if key not in node:
+                node[key] = ml_collections.ConfigDict()
+            _fill(node[key], value)
+        else:
+            node[key] = as_tuples(value)
+
+
+def as_tuples(value):
+    """Lists (from JSON or a command line) as tuples, as configs hold them, hashable."""
+    return tuple(map(as_tuples, value)) if isinstance(value, (list, tuple)) else value
+
+
 def changed_keys(saved: dict, current: ml_collections.ConfigDict) -> list[str]:
     """``'key: old -> new'`` for every key whose value differs between a checkpoint's saved
     config (as JSON) and ``current``; nested keys are dotted (``model_overrides.layers``)."""

@@ -48,7 +48,8 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from aff_jax.training import loop, summary, tensorboard
-from aff_jax.training.config import OPEN_KEYS, base_config, changed_keys, unknown_key_hint
+from aff_jax.training.config import (OPEN_KEYS, as_tuples, changed_keys, from_tree,
+                                     unknown_key_hint)
 from aff_jax.training.errors import ConfigError, RunError
 from aff_jax.training.metrics import METRICS_FILE, TENSORBOARD_DIR, read_metrics
 
@@ -131,7 +132,7 @@ def expand(sweep: ml_collections.ConfigDict) -> list[Cell]:
         if not isinstance(values, (tuple, list)) or not values:
             raise ConfigError(f'config.grid.{key} must be a non-empty tuple of values, got '
                               f'{values!r}')
-        axes.append((key, tuple(_tuples(value) for value in values)))
+        axes.append((key, tuple(as_tuples(value) for value in values)))
     labels = _labels([key for key, _ in axes])
     # Seeds outermost: with --parallel, the cells that run at once are then mostly different
     # models rather than seeds of one model, which would each compile the same programs (the
@@ -165,11 +166,6 @@ def _leaves(group: ml_collections.ConfigDict, prefix: str = '') -> Iterator[tupl
             yield from _leaves(value, f'{prefix}{key}.')
         else:
             yield f'{prefix}{key}', value
-
-
-def _tuples(value):
-    """Lists (from JSON or a command line) as tuples, as configs hold them, hashable."""
-    return tuple(map(_tuples, value)) if isinstance(value, (list, tuple)) else value
 
 
 def _text(value) -> str:
@@ -275,19 +271,7 @@ def _train_command(directory: pathlib.Path) -> tuple[str, ...]:
 def cell_config(path: str | pathlib.Path) -> ml_collections.ConfigDict:
     """The training config in a cell's ``config.json`` (``Cell.config`` as JSON), with the
     types of ``base_config()``: what the cell's ``config.py`` gives ``python -m train``."""
-    config = base_config()
-    _fill(config, json.loads(pathlib.Path(path).read_text()))
-    return config
-
-
-def _fill(node: ml_collections.ConfigDict, tree: dict) -> None:
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            if key not in node:
-                node[key] = ml_collections.ConfigDict()
-            _fill(node[key], value)
-        else:
-            node[key] = _tuples(value)
+    return from_tree(json.loads(pathlib.Path(path).read_text()))
 
 
 def run_jobs(jobs: Sequence[Job], parallel: int, report: Callable[[str], None],
