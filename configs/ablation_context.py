@@ -54,15 +54,16 @@ persistent compilation cache and spends 39 / 22 / 20 s (at load 4-5) starting th
 summarising the model, reading the data, evaluating and checkpointing. Per fusion, three
 seeds:
 
-    same layer   3 x 400 x 0.31 s + 43 s + 2 x 39 s  =  493 s
-    short skip   3 x 400 x 0.19 s + 32 s + 2 x 22 s  =  304 s
+    same layer   3 x 800 x 0.31 s + 43 s + 2 x 39 s  =  865 s
+    short skip   3 x 800 x 0.19 s + 32 s + 2 x 22 s  =  532 s
     long skip    3 x 250 x 0.56 s + 34 s + 2 x 20 s  =  494 s
-                                                       1291 s = 21.5 min per fusion
+                                                       1891 s = 31.5 min per fusion
 
-so this table (3 fusions, 27 runs) takes about 65 minutes over its three sweeps, and Table 4
-(configs/ablation_integration.py, 9 fusions, 81 runs) about 3 hours 15 minutes. Fitting this
-table into half an hour would leave about a third of these steps (about 130 per CIFAR run, 80
-per StopSign run), where every cell is still at chance; one seed
+(with the 800 steps the CIFAR hosts now train: at 400, the quick start ended at chance for two
+of three seeds), so this table (3 fusions, 27 runs) takes about 1.5 hours over its three
+sweeps, and Table 4 (configs/ablation_integration.py, 9 fusions, 81 runs) about 4.5 hours; the
+short-skip sweep of this table took 5-6 minutes per run at load average 8-12. Half an hour
+would leave a sixth of these steps, where every cell is still at chance; one seed
 (``--config.grid.seed="(0,)"``) takes about a third of the time.
 
 This file also defines the scenarios (``parse_arg``, ``scenario_base``) that
