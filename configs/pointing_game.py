@@ -7,7 +7,7 @@ its short-skip fusion ``add``, ``aff`` (the preset's, official factor 2) and ``i
 
 The second command, for each of the nine cells, scores where the Grad-CAM of the true class
 (at the last stage) peaks against the target glyph's bounding box; RESULTS.md has the table.
-Each run is the quick start's (about 2.5 minutes on 2 CPU cores); seed 0 of ``aff`` is the
+Each run is the quick start's (3-5 minutes on 2 CPU cores); seed 0 of ``aff`` is the
 quick start itself.
 """
 import pathlib
