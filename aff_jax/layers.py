@@ -104,6 +104,10 @@ class BatchNorm(nn.Module):
       ``num_batches_tracked`` int32 counter is kept, as in ``torch.nn.BatchNorm2d``.
     * ``'gluon'``: running_var is updated with the biased batch variance, as Gluon does.
 
+    ``update_stats=False`` normalises with the batch statistics in train mode but leaves the
+    running ones untouched: what MXNet does for a BN whose backward pass never runs, since it
+    updates running statistics there (the official CIFAR ResNets' parameter-free input BN).
+
     In train mode a channel must see more than one value. The global-context branch of MS-CAM
     normalises one pooled value per image, so a batch of size 1 would silently output ``bias``
     (flax) or raise (PyTorch); we raise a ``ValueError`` naming the shape.
@@ -113,6 +117,7 @@ class BatchNorm(nn.Module):
     momentum: float = 0.9
     epsilon: float = 1e-5
     stats_rule: StatsRule = 'gluon'
+    update_stats: bool = True
     scale_init: Any = nn.initializers.ones
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
@@ -137,7 +142,7 @@ class BatchNorm(nn.Module):
             axes = tuple(range(x.ndim - 1))
             mean = jnp.mean(x32, axes)
             var = jnp.mean(jnp.square(x32 - mean), axes)
-            if not self.is_initializing():
+            if self.update_stats and not self.is_initializing():
                 update_var = var * (count / (count - 1)) if self.stats_rule == 'torch' else var
                 m = self.momentum
                 running_mean.value = m * running_mean.value + (1.0 - m) * mean

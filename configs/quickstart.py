@@ -15,6 +15,9 @@ def get_config():
     c.model_overrides.layers = (1, 1, 1)
     c.model_overrides.channels = (8, 8, 16, 32)
     c.model_overrides.start_layer = 1  # AFF fusion from stage 1 on, i.e. in every block
+    # The input BN's running statistics follow the batches, as flax and PyTorch do (the
+    # official preset freezes them at (0, 1), as MXNet's training does).
+    c.model_overrides.freeze_input_stats = False
     c.dataset = 'aff_multiscale'
     c.batch_size = 64
     c.eval_batch_size = 500

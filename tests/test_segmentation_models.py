@@ -46,8 +46,8 @@ GRADIENT_CASES = [(decoder, backbone, ('add', 'aff', 'iaff')[(i + j) % 3])
 @pytest.mark.parametrize('decoder, backbone, fusion_name', GRADIENT_CASES)
 def test_logits_at_input_resolution_and_finite_gradients(decoder, backbone, fusion_name):
     """Train-mode forward on 2 images of 32x32: (2, 32, 32, 3) logits, and every parameter
-    gets a finite gradient. Run op by op with NumPy-drawn weights: compiling a program per
-    case would cost minutes, the op-by-op runs share their compiled primitives."""
+    gets a finite gradient, with NumPy-drawn weights. Jitted: one compile per case (13-18 s)
+    beats running op by op (31-45 s per case)."""
     model = build(decoder, backbone, fusion_name)
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(2, SIZE, SIZE, 3)) + rng.normal(size=(2, 1, 1, 3)),
@@ -62,7 +62,7 @@ def test_logits_at_input_resolution_and_finite_gradients(decoder, backbone, fusi
         assert logits.shape == (2, SIZE, SIZE, CLASSES) and logits.dtype == jnp.float32
         return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), labels[..., None], -1))
 
-    grads = jax.grad(loss)(variables['params'])
+    grads = jax.jit(jax.grad(loss))(variables['params'])
     for path, g in jax.tree_util.tree_leaves_with_path(grads):
         assert np.all(np.isfinite(g)), jax.tree_util.keystr(path)
     # The loss reaches the classifier and, through every long skip, the backbone's first conv.

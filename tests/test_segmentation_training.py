@@ -136,7 +136,7 @@ def _sharded_worker(out: pathlib.Path) -> None:
         mesh = mesh_lib.make_mesh(shape)
         with jax.set_mesh(mesh):
             init_fn, _, shardings = state_lib.state_layout(model, tx, (1, 8, 8, 3), mesh, [])
-            state = state_lib.create_state(init_fn, shardings, jax.random.key(0))
+            state = state_lib.create_state(init_fn, shardings, jax.random.key(0, impl='rbg'))
             sharding = mesh_lib.batch_sharding(mesh)
             train_step = steps.make_train_step(model, tx, optax.constant_schedule(0.1), config,
                                                task, jax.random.key(1), shardings, sharding)

@@ -67,7 +67,11 @@ class CIFARAFFResNet(nn.Module):
     """Pre-activation CIFAR ResNet with fusion in every block from stage ``start_layer`` on.
 
     ``channels``: stem width then one width per stage (official: 64, 64, 128, 256);
-    ``layers``: blocks per stage. The input passes a BatchNorm without scale and shift first.
+    ``layers``: blocks per stage. The input passes a BatchNorm without scale and shift first;
+    ``freeze_input_stats=True`` never updates its running statistics (train mode still
+    normalises with the batch's), as the official Gluon training does: MXNet updates them in
+    the backward pass, which never runs for this parameter-free BN fed the data. The official
+    presets set it; then evaluation normalises the input with the initial statistics (0, 1).
     ``fusion_order``: ``'paper'`` (X = identity, Y = residual) or ``'official'`` (the official
     code's order, which its presets keep so that their weights load); see
     :func:`aff_jax.models.residual.short_skip_pair`.
@@ -82,6 +86,7 @@ class CIFARAFFResNet(nn.Module):
     num_classes: int = 100
     start_layer: int = 1
     deep_stem: bool = False
+    freeze_input_stats: bool = False
     fusion_order: str = 'paper'
     features_only: bool = False
     out_indices: Sequence[int] | None = None
@@ -122,7 +127,8 @@ def _features(cfg: CIFARAFFResNet, x: jax.Array, train: bool) -> list[jax.Array]
     the stage outputs, the last one after the BN-ReLU."""
     conv, norm = layer_defs(cfg)
     names = SequentialNames()
-    x = norm(use_scale=False, use_bias=False, name=names())(x, train)
+    x = norm(use_scale=False, use_bias=False, update_stats=not cfg.freeze_input_stats,
+             name=names())(x, train)
     if cfg.deep_stem:
         stem = cfg.channels[0] // 2
         for width in (stem, stem):

@@ -82,7 +82,8 @@ def _official_presets() -> dict[str, Preset]:
         return Preset(host, dict(fields, fusion_order='official'), fusion, r, _OFFICIAL_FUSION,
                       'gluon', pre)
 
-    cifar = dict(layers=(5, 5, 5), channels=(64, 64, 128, 256), num_classes=100, start_layer=1)
+    cifar = dict(layers=(5, 5, 5), channels=(64, 64, 128, 256), num_classes=100, start_layer=1,
+                 freeze_input_stats=True)
     presets = {
         'cifar_resnet32': official(CIFARAFFResNet, cifar, 'add', 4, CIFAR_OFFICIAL),
         'cifar_aff_resnet32': official(CIFARAFFResNet, cifar, 'aff', 4, CIFAR_OFFICIAL),
@@ -149,7 +150,8 @@ _SEGMENTATION: dict[str, SegmentationPreset] = {
     # backbone_fusion takes the paper's roles.
     'fpn_resnet20': SegmentationPreset(
         FPN, 'cifar_resnet32',
-        dict(layers=(3, 3, 3), channels=(16, 16, 32, 64), fusion_order='paper'),
+        dict(layers=(3, 3, 3), channels=(16, 16, 32, 64), fusion_order='paper',
+             freeze_input_stats=False),
         dict(pyramid_channels=32)),
 }
 _BACKBONE_PREFIX = 'backbone_'
