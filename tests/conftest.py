@@ -9,11 +9,18 @@ import subprocess
 import sys
 import time
 
-import jax
-import numpy as np
-import orbax.checkpoint as ocp
-import pytest
-from PIL import Image
+# XLA:CPU's default LLVM -O3 pipeline takes up to 15 s to compile one threefry draw of some
+# shapes (jax.random.normal of (3, 3, 8, 12): 15 s; at -O1 0.4 s), and the tests initialise
+# modules with threefry keys, op by op, shape after shape: -O1 cuts the suite's time by about
+# a third. Train steps compile and run alike at both levels (BENCHMARKS.md), and the training
+# subprocesses (train_env) run with the library's defaults.
+os.environ['XLA_FLAGS'] = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=1".strip()
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import orbax.checkpoint as ocp  # noqa: E402
+import pytest  # noqa: E402
+from PIL import Image  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 FOLDER_CLASSES = 10
