@@ -28,6 +28,15 @@ def _attention_branch(prefix, channels, inter_channels, pooled):
     return branch
 
 
+def _add_ms_cam(block, suffix, channels, inter_channels):
+    """Register an MS-CAM's two branches on ``block`` (inside its ``name_scope``) as
+    ``local_att<suffix>`` then ``global_att<suffix>``: the official attribute names, prefixes
+    and registration order."""
+    for kind, pooled in (('local', False), ('global', True)):
+        name = f'{kind}_att{suffix}'
+        setattr(block, name, _attention_branch(name, channels, inter_channels, pooled))
+
+
 class DirectAddFuse(HybridBlock):
     """x + residual."""
 
@@ -42,8 +51,7 @@ class ASKCFuse(HybridBlock):
         super().__init__()
         inter = int(channels // r)
         with self.name_scope():
-            self.local_att = _attention_branch('local_att', channels, inter, pooled=False)
-            self.global_att = _attention_branch('global_att', channels, inter, pooled=True)
+            _add_ms_cam(self, '', channels, inter)
             self.sig = nn.HybridSequential(prefix='sig')
             self.sig.add(nn.Activation('sigmoid'))
 
@@ -60,10 +68,8 @@ class ResGlobLocaforGlobLocaChaFuse(HybridBlock):
         super().__init__()
         inter = int(channels // r)
         with self.name_scope():
-            self.local_att = _attention_branch('local_att', channels, inter, pooled=False)
-            self.global_att = _attention_branch('global_att', channels, inter, pooled=True)
-            self.local_att2 = _attention_branch('local_att2', channels, inter, pooled=False)
-            self.global_att2 = _attention_branch('global_att2', channels, inter, pooled=True)
+            _add_ms_cam(self, '', channels, inter)
+            _add_ms_cam(self, '2', channels, inter)
             self.sig1 = nn.Activation('sigmoid')
             self.sig2 = nn.Activation('sigmoid')
 
