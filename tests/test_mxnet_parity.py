@@ -201,6 +201,8 @@ def test_reads_mx_nd_save(run_gluon, tmp_path, command, extra):
 
 @pytest.mark.parametrize('preset, layers', [
     ('cifar_aff_resnet32', None),
+    ('cifar_iaff_resnet32', '1,1,1'),
+    ('cifar_aff_resnext38_32x4d', '1,1,1'),
     ('aff_resnet50', '2,1,2,1'),
     ('iaff_resnext50_32x4d', '2,2,1,1'),
 ])
