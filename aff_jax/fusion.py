@@ -45,6 +45,7 @@ import jax
 import jax.numpy as jnp
 from flax.typing import Dtype
 
+from aff_jax import module_fields
 from aff_jax.layers import BatchNorm, StatsRule, check_nhwc, conv2d, global_avg_pool
 
 
@@ -369,19 +370,13 @@ def scheme(name: str) -> type[nn.Module]:
 def create(name: str, /, **kwargs: Any) -> nn.Module:
     """Instantiate the scheme ``name`` with its fields ``kwargs`` (e.g. ``r``, ``dtype``).
 
-    Fields a scheme does not have raise a ``TypeError`` naming them, so that e.g. ``r`` is never
-    silently ignored; ``Add`` and ``Concat`` take only ``dtype`` (and ``param_dtype``).
+    Fields a scheme does not have, or values of the wrong type, raise a ``TypeError`` naming
+    them, so that e.g. ``r`` is never silently ignored; ``Add`` and ``Concat`` take only ``dtype``
+    (and ``param_dtype``).
     """
     cls = scheme(name)
-    unknown = sorted(set(kwargs) - _fields(cls))
-    if unknown:
-        raise TypeError(f'fusion {name!r} has no option(s) {unknown}; '
-                        f'it takes {sorted(_fields(cls) - {"name"})}')
+    module_fields.check_fields(cls, kwargs, f'fusion {name!r}')
     return cls(**kwargs)
-
-
-def _fields(cls: type[nn.Module]) -> set[str]:
-    return set(cls.__dataclass_fields__) - {'parent'}
 
 
 FusionFactory = Callable[..., nn.Module]
@@ -396,7 +391,7 @@ def factory(name: str, host_defaults: dict[str, Any] | None = None,
     caller's explicit choices and are checked strictly, as in :func:`create`.
     """
     cls = scheme(name)
-    merged = {k: v for k, v in (host_defaults or {}).items() if k in _fields(cls)}
+    merged = {k: v for k, v in (host_defaults or {}).items() if k in module_fields.field_names(cls)}
     merged.update(options)
     create(name, **merged)  # validates the options now rather than at trace time
 

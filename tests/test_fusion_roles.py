@@ -97,7 +97,11 @@ def test_fusion_order_defaults_and_bad_values():
         host = aff_jax.models.preset(name).host
         assert host.__dataclass_fields__['fusion_order'].default == 'paper', name
     assert aff_jax.create_model('fpn_resnet20').backbone.fusion_order == 'paper'
-    model = aff_jax.create_model('tv_resnet18', layers=(1, 1), fusion_order='reversed')
+    with pytest.raises(TypeError, match=r"option fusion_order='reversed' \(str\) must be "
+                                        r"Literal\['paper', 'official'\]"):
+        aff_jax.create_model('tv_resnet18', layers=(1, 1), fusion_order='reversed')
+    # A host built directly is not checked until it runs.
+    model = aff_jax.create_model('tv_resnet18', layers=(1, 1)).clone(fusion_order='reversed')
     with pytest.raises(ValueError, match=r"fusion_order must be one of \('paper', 'official'\), "
                                          r"got 'reversed'"):
         record(model)

@@ -5,6 +5,7 @@ Shapes only (`jax.eval_shape`), so no model is compiled or run.
 import ast
 import functools
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -126,6 +127,10 @@ def test_r_with_a_fusion_factory_is_an_error_not_ignored():
     factory = fusion.factory('aff', {'r': 4, 'stats_rule': 'torch'})
     with pytest.raises(TypeError, match='r applies to a fusion given by name'):
         aff_jax.create_model('tv_resnet18', fusion=factory, r=8)
+    with pytest.raises(TypeError, match='r applies to a fusion given by name'):
+        aff_jax.create_model('fpn_resnet20', fusion=factory, r=8)  # the long skips' r
+    with pytest.raises(TypeError, match='fusion_options and scheme_options apply'):
+        aff_jax.create_model('fpn_resnet20', fusion=factory, scheme_options={'aff': {}})
 
 
 def test_scheme_options_apply_to_the_scheme_in_use_and_are_all_checked():
@@ -153,6 +158,41 @@ def test_scheme_options_apply_to_the_scheme_in_use_and_are_all_checked():
     with pytest.raises(TypeError, match=r"fusion 'add' has no option\(s\) \['scale'\]"):
         aff_jax.create_model('cifar_aff_resnet32', fusion='aff',
                              scheme_options={'add': {'scale': 2.0}})
+
+
+
+@pytest.mark.parametrize('name, options, message', [
+    # A command line's 'false' is a string, which a bool field would take as True.
+    ('cifar_aff_resnet32', dict(freeze_input_stats='false'),
+     "model 'cifar_aff_resnet32': option freeze_input_stats='false' (str) must be bool"),
+    ('aff_resnet50', dict(deep_stem=1), "option deep_stem=1 (int) must be bool"),
+    ('cifar_aff_resnet32', dict(layers=(1, 1.5, 1)),
+     'option layers=(1, 1.5, 1) (tuple) must be Sequence[int]'),
+    ('tv_resnet18', dict(layers='2222'), "option layers='2222' (str) must be Sequence"),
+    ('cifar_aff_resnet32', dict(start_layer=True), "option start_layer=True (bool) must be int"),
+    ('cifar_aff_resnet32', dict(fusion_order='offical'),
+     "option fusion_order='offical' (str) must be Literal['paper', 'official']"),
+    ('cifar_aff_resnet32', dict(stats_rule='tf'), "option stats_rule='tf'"),
+    ('cifar_aff_resnet32', dict(r=4.0), "option r=4.0 (float) must be int"),
+    ('cifar_resnet32', dict(r=2.5), "model 'cifar_resnet32': option r=2.5"),  # add has no r
+    ('cifar_aff_resnet32', dict(fusion_options={'scale': '2'}),
+     "fusion 'aff': option scale='2' (str) must be float"),
+    ('fpn_resnet20', dict(pyramid_channels=32.0), "model 'fpn_resnet20': option pyramid_channels"),
+    ('fpn_resnet20', dict(upsample=2), "model 'fpn_resnet20': option upsample=2 (int) must be str"),
+])
+def test_options_of_the_wrong_type_are_rejected_by_name(name, options, message):
+    """create_model checks every option against its field's annotation: no value of the wrong
+    type is passed on (e.g. the string 'false' to a bool field, which would read as True)."""
+    with pytest.raises(TypeError, match=re.escape(message)):
+        aff_jax.create_model(name, **options)
+
+
+def test_options_of_the_right_type_pass_in_any_accepted_form():
+    """Lists for sequences, numpy integers for ints, ints for floats: what configs and sweeps
+    produce is not rejected."""
+    model = aff_jax.create_model('cifar_aff_resnet32', layers=[1, 1, 1], r=np.int64(2),
+                                 fusion_options={'scale': 2}, freeze_input_stats=np.bool_(False))
+    assert model.layers == [1, 1, 1] and model.fusion(name='f').r == 2
 
 
 def test_official_fusion_starts_at_start_layer():

@@ -17,8 +17,8 @@ from flax.typing import Dtype
 from aff_jax.fusion import FusionFactory
 from aff_jax.layers import StatsRule, check_nhwc
 from aff_jax.models.features import head_or_features
-from aff_jax.models.residual import (ConvDef, NormDef, Scope, SequentialNames, Shortcut, Stage,
-                                     layer_defs, short_skip_pair, stage_fusion)
+from aff_jax.models.residual import (ConvDef, FusionOrder, NormDef, Scope, SequentialNames,
+                                     Shortcut, Stage, layer_defs, short_skip_pair, stage_fusion)
 
 
 class PreActBlock(nn.Module):
@@ -33,7 +33,7 @@ class PreActBlock(nn.Module):
     norm: NormDef
     stride: int = 1
     downsample: bool = False
-    fusion_order: str = 'paper'
+    fusion_order: FusionOrder = 'paper'
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -87,7 +87,7 @@ class CIFARAFFResNet(nn.Module):
     start_layer: int = 1
     deep_stem: bool = False
     freeze_input_stats: bool = False
-    fusion_order: str = 'paper'
+    fusion_order: FusionOrder = 'paper'
     features_only: bool = False
     out_indices: Sequence[int] | None = None
     stats_rule: StatsRule = 'gluon'

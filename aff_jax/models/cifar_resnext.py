@@ -15,7 +15,7 @@ from flax.typing import Dtype
 from aff_jax.fusion import FusionFactory
 from aff_jax.layers import StatsRule, check_nhwc
 from aff_jax.models.features import head_or_features
-from aff_jax.models.residual import Scope, SequentialNames, layer_defs
+from aff_jax.models.residual import FusionOrder, Scope, SequentialNames, layer_defs
 from aff_jax.models.resnext import resnext_stages
 
 
@@ -34,7 +34,7 @@ class CIFARAFFResNeXt(nn.Module):
     num_classes: int = 100
     start_layer: int = 1
     zero_init_last_bn: bool = False
-    fusion_order: str = 'paper'
+    fusion_order: FusionOrder = 'paper'
     features_only: bool = False
     out_indices: Sequence[int] | None = None
     stats_rule: StatsRule = 'gluon'

@@ -29,7 +29,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from aff_jax import fusion as fusion_lib
-from aff_jax.long_skip import LongSkipFusion, fusion_factory
+from aff_jax import module_fields
+from aff_jax.long_skip import LongSkipFusion
 from aff_jax.models.cifar_inception import CIFARInceptionResNet
 from aff_jax.models.cifar_resnet import CIFARAFFResNet
 from aff_jax.models.cifar_resnext import CIFARAFFResNeXt
@@ -211,31 +212,45 @@ def create_model(name: str, num_classes: int | None = None,
     if name in _SEGMENTATION:
         return _create_segmentation(name, num_classes, fusion, dtype, overrides)
     spec = preset(name)
-    if fusion is not None and not isinstance(fusion, str) and 'r' in overrides:
-        raise TypeError('r applies to a fusion given by name; a fusion factory carries its own r')
+    r_given = 'r' in overrides
     r = overrides.pop('r', spec.r)
+    module_fields.check_value(r, int, f'model {name!r}', 'r')
     stats_rule = overrides.pop('stats_rule', spec.stats_rule)
     fusion_options = dict(overrides.pop('fusion_options', None) or {})
     scheme_options = overrides.pop('scheme_options', None)
-    fields = dict(spec.fields, dtype=dtype, **({} if num_classes is None else {'num_classes': num_classes}))
-    host_fields = set(spec.host.__dataclass_fields__) - {'parent', 'name', 'fusion'}
-    unknown = sorted(set(overrides) - host_fields)
-    if unknown:
-        raise TypeError(f'model {name!r} has no option(s) {unknown}; it takes '
-                        f'{sorted(host_fields | {"r", "fusion_options", "scheme_options"})}')
-    fields.update(overrides)
-    if fusion is None or isinstance(fusion, str):
-        scheme = spec.fusion if fusion is None else fusion
-        fusion_lib.scheme(scheme)
-        defaults = dict(r=r, stats_rule=stats_rule, dtype=dtype,
-                        param_dtype=fields.get('param_dtype', jnp.float32))
-        options = {**spec.fusion_options.get(scheme, {}),
-                   **_options_of(scheme, scheme_options, defaults), **fusion_options}
-        fusion = fusion_lib.factory(scheme, defaults, **options)
-    elif fusion_options or scheme_options:
-        raise TypeError('fusion_options and scheme_options apply to a fusion given by name, '
-                        'not to a factory')
-    return spec.host(fusion=fusion, stats_rule=stats_rule, **fields)
+    fields = dict(spec.fields, dtype=dtype, stats_rule=stats_rule,
+                  **({} if num_classes is None else {'num_classes': num_classes}), **overrides)
+    module_fields.check_fields(spec.host, fields, f'model {name!r}', reserved=('name', 'fusion'),
+                               extra=('r', 'fusion_options', 'scheme_options'))
+    defaults = dict(r=r, stats_rule=stats_rule, dtype=dtype,
+                    param_dtype=fields.get('param_dtype', jnp.float32))
+    fusion = _fusion_factory(spec.fusion if fusion is None else fusion, defaults,
+                             spec.fusion_options, scheme_options, fusion_options, r_given)
+    return spec.host(fusion=fusion, **fields)
+
+
+def _fusion_factory(fusion: str | fusion_lib.FusionFactory, host_defaults: dict[str, Any],
+                    preset_options: Mapping[str, Mapping[str, Any]],
+                    scheme_options: Mapping[str, Mapping[str, Any]] | None,
+                    fusion_options: Mapping[str, Any] | None,
+                    r_given: bool) -> fusion_lib.FusionFactory:
+    """The factory of a host's (or a decoder's) fusion, checked now. A name is built with
+    ``host_defaults`` (r, stats_rule, dtypes) where the scheme has them, then the fields of
+    ``preset_options``' entry for it, ``scheme_options``' entry and ``fusion_options``, each
+    overriding the one before; a factory is used as is, so options, or an ``r`` the caller
+    gave (``r_given``), raise rather than be ignored."""
+    if not isinstance(fusion, str):
+        if r_given:
+            raise TypeError('r applies to a fusion given by name; a fusion factory carries its '
+                            'own r')
+        if fusion_options or scheme_options:
+            raise TypeError('fusion_options and scheme_options apply to a fusion given by name, '
+                            'not to a factory')
+        return fusion
+    fusion_lib.scheme(fusion)
+    options = {**preset_options.get(fusion, {}),
+               **_options_of(fusion, scheme_options, host_defaults), **(fusion_options or {})}
+    return fusion_lib.factory(fusion, host_defaults, **options)
 
 
 def _options_of(scheme: str, scheme_options: Mapping[str, Mapping[str, Any]] | None,
@@ -275,6 +290,8 @@ def _create_segmentation(name: str, num_classes: int | None,
             fields[key] = value
         else:
             backbone_fields[key.removeprefix(_BACKBONE_PREFIX)] = value
+    module_fields.check_fields(spec.decoder, fields, f'model {name!r}')
+    module_fields.check_fields(LongSkipFusion, skip_fields, f'model {name!r}')
     if 'param_dtype' in fields:  # like dtype, it holds for the whole model
         backbone_fields.setdefault('param_dtype', fields['param_dtype'])
     backbone_fusion = backbone_fields.pop('fusion', None)
@@ -282,18 +299,10 @@ def _create_segmentation(name: str, num_classes: int | None,
                             **backbone_fields)
     stats_rule = _PRESETS[backbone].stats_rule
     param_dtype = fields.get('param_dtype', jnp.float32)
-    # Built once here, so the fusion name and its options are checked now.
-    fusion = spec.fusion if fusion is None else fusion
-    fusion_options = skip_fields['fusion_options']
-    if isinstance(fusion, str):
-        defaults = dict(r=skip_fields['r'], stats_rule=stats_rule, dtype=dtype,
-                        param_dtype=param_dtype)
-        fusion_options = {**_options_of(fusion, scheme_options, defaults),
-                          **(fusion_options or {})}
-    elif scheme_options:
-        raise TypeError('scheme_options applies to a fusion given by name, not to a factory')
-    skip_fusion = fusion_factory(fusion, skip_fields['r'], fusion_options, stats_rule, dtype,
-                                 param_dtype)
+    defaults = dict(r=skip_fields['r'], stats_rule=stats_rule, dtype=dtype,
+                    param_dtype=param_dtype)
+    skip_fusion = _fusion_factory(spec.fusion if fusion is None else fusion, defaults, {},
+                                  scheme_options, skip_fields['fusion_options'], 'r' in overrides)
     skip = functools.partial(LongSkipFusion, fusion=skip_fusion,
                              upsample=skip_fields['upsample'], dtype=dtype,
                              param_dtype=param_dtype)

@@ -7,7 +7,8 @@ path reads like the PyTorch ``state_dict`` key or the Gluon parameter name.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+import typing
+from typing import Any, Callable, Literal
 
 import flax.linen as nn
 import jax
@@ -62,11 +63,12 @@ def deep_stem(h: jax.Array, conv: ConvDef, norm: NormDef, width: int, train: boo
     return conv(width * 2, 3, padding=1, name=names())(h)
 
 
-FUSION_ORDERS = ('paper', 'official')
+FusionOrder = Literal['paper', 'official']
+FUSION_ORDERS: tuple[str, ...] = typing.get_args(FusionOrder)
 
 
 def short_skip_pair(identity: jax.Array, residual: jax.Array,
-                    fusion_order: str) -> tuple[jax.Array, jax.Array]:
+                    fusion_order: FusionOrder) -> tuple[jax.Array, jax.Array]:
     """The ``(X, Y)`` a short skip hands its fusion.
 
     ``'paper'`` (section 4): X = the identity (shortcut), Y = the residual body's output, the

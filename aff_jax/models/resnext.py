@@ -18,8 +18,9 @@ from flax.typing import Dtype
 from aff_jax.fusion import FusionFactory
 from aff_jax.layers import StatsRule, check_nhwc, max_pool_3x3_s2
 from aff_jax.models.features import head_or_features
-from aff_jax.models.residual import (ConvDef, NormDef, Scope, SequentialNames, Shortcut, Stage,
-                                     deep_stem, layer_defs, short_skip_pair, stage_fusion)
+from aff_jax.models.residual import (ConvDef, FusionOrder, NormDef, Scope, SequentialNames,
+                                     Shortcut, Stage, deep_stem, layer_defs, short_skip_pair,
+                                     stage_fusion)
 
 
 class ResNeXtBlock(nn.Module):
@@ -42,7 +43,7 @@ class ResNeXtBlock(nn.Module):
     downsample: bool = False
     avg_down: bool = True
     zero_init_last_bn: bool = False
-    fusion_order: str = 'paper'
+    fusion_order: FusionOrder = 'paper'
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -106,7 +107,7 @@ class AFFResNeXt(nn.Module):
     stem_width: int = 64
     channels: int = 64
     zero_init_last_bn: bool = False
-    fusion_order: str = 'paper'
+    fusion_order: FusionOrder = 'paper'
     features_only: bool = False
     out_indices: Sequence[int] | None = None
     stats_rule: StatsRule = 'gluon'

@@ -19,7 +19,7 @@ from flax.typing import Dtype
 from aff_jax.fusion import FusionFactory
 from aff_jax.layers import StatsRule, check_nhwc, max_pool_3x3_s2
 from aff_jax.models.features import head_or_features
-from aff_jax.models.residual import (ConvDef, NormDef, Shortcut, Stage, layer_defs,
+from aff_jax.models.residual import (ConvDef, FusionOrder, NormDef, Shortcut, Stage, layer_defs,
                                      short_skip_pair)
 
 
@@ -38,7 +38,7 @@ class _Block(nn.Module):
     groups: int = 1
     base_width: int = 64
     zero_init_last_bn: bool = False
-    fusion_order: str = 'paper'
+    fusion_order: FusionOrder = 'paper'
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -85,7 +85,7 @@ class TVResNet(nn.Module):
     width_per_group: int = 64
     small_input: bool = False
     zero_init_last_bn: bool = False
-    fusion_order: str = 'paper'
+    fusion_order: FusionOrder = 'paper'
     features_only: bool = False
     out_indices: Sequence[int] | None = None
     stats_rule: StatsRule = 'torch'
