@@ -44,16 +44,23 @@ def state_layout(model: nn.Module, tx: optax.GradientTransformation, input_shape
     def init_variables(rng):
         return model.init(rng, jnp.zeros((1, *input_shape[1:]), jnp.float32), train=False)
 
-    def init_fn(rng):
-        variables = nn.meta.unbox(init_variables(rng))
+    def state_of(boxed_variables):
+        variables = nn.meta.unbox(boxed_variables)
         params = variables['params']
         return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                           batch_stats=variables.get('batch_stats', {}), opt_state=tx.init(params),
                           nonfinite_step=jnp.zeros((), jnp.int32),
                           skipped_updates=jnp.zeros((), jnp.int32))
 
-    boxed = jax.eval_shape(init_variables, jax.random.key(0))
-    abstract_state = jax.eval_shape(init_fn, jax.random.key(0))
+    def init_fn(rng):
+        return state_of(init_variables(rng))
+
+    def boxed_and_state(rng):  # one trace of the model for both
+        variables = init_variables(rng)
+        return variables, state_of(variables)
+
+    # The boxed variables carry the partitioning metadata the shardings are made from.
+    boxed, abstract_state = jax.eval_shape(boxed_and_state, jax.random.key(0))
     params_sharding = mesh_lib.param_shardings(boxed['params'], mesh, rules)
     replicated = mesh_lib.replicated(mesh)
     shardings = TrainState(
