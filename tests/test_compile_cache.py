@@ -47,13 +47,15 @@ def test_a_second_run_takes_every_program_from_the_cache(tmp_path, image_folder,
     assert list((tmp_path / 'user_cache' / 'aff_jax' / 'xla').iterdir())
 
 
-def test_an_empty_setting_leaves_jax_without_a_cache():
-    """``compilation_cache=''`` (or None) points JAX nowhere: a run then compiles everything
-    (a third training run would show it, at the price of every compile again)."""
+def test_off_leaves_jax_without_a_cache():
+    """``compilation_cache='off'`` (or '', or None) points JAX nowhere (not at ./off): a run
+    then compiles everything (a third training run would show it, at the price of every
+    compile again)."""
     import jax
 
     from aff_jax.training import compile_cache
 
     before = jax.config.jax_compilation_cache_dir
-    assert compile_cache.enable('') is None and compile_cache.enable(None) is None
+    for setting in ('off', '', None):
+        assert compile_cache.enable(setting) is None
     assert jax.config.jax_compilation_cache_dir == before

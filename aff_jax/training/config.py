@@ -95,7 +95,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.distributed_timeout_s = 120
 
     # Persistent XLA compilation cache: 'auto' ($XDG_CACHE_HOME/aff_jax/xla, or the directory
-    # JAX_COMPILATION_CACHE_DIR names), a path, or '' to compile afresh every run.
+    # JAX_COMPILATION_CACHE_DIR names), a path, or 'off' ('') to compile afresh every run.
     c.compilation_cache = 'auto'
 
     c.checkpoint_every_steps = 1000
