@@ -13,8 +13,10 @@ import time
 # shapes (jax.random.normal of (3, 3, 8, 12): 15 s; at -O1 0.4 s), and the tests initialise
 # modules with threefry keys, op by op, shape after shape: -O1 cuts the suite's time by about
 # a third. Train steps compile and run alike at both levels (BENCHMARKS.md), and the training
-# subprocesses (train_env) run with the library's defaults.
-os.environ['XLA_FLAGS'] = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=1".strip()
+# subprocesses (train_env) run with the library's defaults. A level already set is kept: the
+# scripts of fast_devices_flags import this file too.
+if '--xla_backend_optimization_level' not in os.environ.get('XLA_FLAGS', ''):
+    os.environ['XLA_FLAGS'] = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=1".strip()
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -23,6 +25,9 @@ import pytest  # noqa: E402
 from PIL import Image  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+# Unoptimised XLA code compiles about twice as fast (the 8-device sharding test's subprocess:
+# 129 -> 71 s), for subprocesses of a few steps where compiling is most of the time.
+FAST_COMPILE = '--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true'
 FOLDER_CLASSES = 10
 FOLDER_SPLITS = {'train': 12, 'test': 4}  # images per class
 
@@ -51,6 +56,12 @@ def train_env(tmp_path_factory) -> dict[str, str]:
                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
     env.pop('XLA_FLAGS', None)
     return env
+
+
+
+def fast_devices_flags(devices: int) -> str:
+    """XLA_FLAGS for a subprocess of a few steps on ``devices`` CPU devices."""
+    return f'--xla_force_host_platform_device_count={devices} {FAST_COMPILE}'
 
 
 # Keys that turn configs/quickstart.py into a run of a few seconds on 32x32 images of 10 classes

@@ -17,7 +17,8 @@ import sys
 import numpy as np
 import pytest
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+from conftest import REPO, fast_devices_flags
+
 STEPS = 3
 BATCH = 16
 IMAGE = (16, 16, 3)
@@ -111,8 +112,7 @@ def _worker(out: pathlib.Path) -> None:
 @pytest.fixture(scope='module')
 def results(tmp_path_factory):
     out = tmp_path_factory.mktemp('sharding')
-    env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8',
-               PYTHONPATH=str(REPO))
+    env = dict(os.environ, XLA_FLAGS=fast_devices_flags(8), PYTHONPATH=str(REPO))
     proc = subprocess.run([sys.executable, __file__, str(out)], env=env, cwd=REPO,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]

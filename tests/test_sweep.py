@@ -20,11 +20,9 @@ import pytest
 from aff_jax.training import sweep
 from aff_jax.training.config import base_config, load_with_overrides
 from aff_jax.training.errors import ConfigError
-from conftest import REPO, metric_rows
+from conftest import FAST_COMPILE, REPO, metric_rows
 
 FUSIONS, SEEDS, STEPS = ('add', 'aff'), (0, 1), 6
-# Unoptimised XLA code compiles about twice as fast; these runs are too short to care.
-FAST_COMPILE = '--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true'
 SWEEP_FILE = '''\
 import ml_collections
 from aff_jax.training.config import load_config
