@@ -16,7 +16,8 @@ import time
 # subprocesses (train_env) run with the library's defaults. A level already set is kept: the
 # scripts of fast_devices_flags import this file too.
 if '--xla_backend_optimization_level' not in os.environ.get('XLA_FLAGS', ''):
-    os.environ['XLA_FLAGS'] = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=1".strip()
+    os.environ['XLA_FLAGS'] = (f"{os.environ.get('XLA_FLAGS', '')} "
+                               '--xla_backend_optimization_level=1').strip()
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -56,6 +57,12 @@ def train_env(tmp_path_factory) -> dict[str, str]:
                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
     env.pop('XLA_FLAGS', None)
     return env
+
+
+@pytest.fixture(scope='session')
+def fast_train_env(train_env) -> dict[str, str]:
+    """train_env compiling unoptimised code, for runs of a few steps."""
+    return dict(train_env, XLA_FLAGS=FAST_COMPILE)
 
 
 

@@ -35,10 +35,10 @@ def run_evaluate(workdir, args, env) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope='module')
-def trained(tmp_path_factory, image_folder, train_env):
+def trained(tmp_path_factory, image_folder, fast_train_env):
     """A finished run of STEPS steps (its last step checkpointed and evaluated)."""
     workdir = tmp_path_factory.mktemp('run')
-    process = run_train(workdir, overrides(image_folder), train_env)
+    process = run_train(workdir, overrides(image_folder), fast_train_env)
     _, stderr = process.communicate(timeout=600)
     assert process.returncode == 0, stderr[-3000:]
     return workdir
@@ -55,8 +55,8 @@ def scored(record: dict) -> dict[str, float]:
             if name.startswith('eval/') and name != 'eval/count'}
 
 
-def test_checkpoint_scores_equal_the_final_evaluation(trained, image_folder, train_env):
-    result = run_evaluate(trained, overrides(image_folder), train_env)
+def test_checkpoint_scores_equal_the_final_evaluation(trained, image_folder, fast_train_env):
+    result = run_evaluate(trained, overrides(image_folder), fast_train_env)
     assert result.returncode == 0, result.stderr[-3000:]
     record = json.loads((trained / 'eval.json').read_text())
     want = final_eval(trained)
@@ -69,22 +69,22 @@ def test_checkpoint_scores_equal_the_final_evaluation(trained, image_folder, tra
             f'{100 * want["eval/top5_accuracy"]:.2f}%') in result.stdout
 
 
-def test_converted_weights_score_the_same(trained, image_folder, train_env, tmp_path):
+def test_converted_weights_score_the_same(trained, image_folder, fast_train_env, tmp_path):
     """The checkpoint's variables written as ``convert`` writes them, scored with --init_from
     in a workdir without checkpoints."""
     state = checkpointed_state(trained, STEPS)
     weights = convert.save_variables(str(tmp_path / 'weights'), {
         'params': state['params'], 'batch_stats': state['batch_stats']})
     result = run_evaluate(tmp_path / 'out', [*overrides(image_folder), f'--init_from={weights}'],
-                          train_env)
+                          fast_train_env)
     assert result.returncode == 0, result.stderr[-3000:]
     record = json.loads((tmp_path / 'out' / 'eval.json').read_text())
     assert scored(record) == final_eval(trained)
     assert (record['step'], record['checkpoint']) == (None, weights)
 
 
-def test_no_checkpoint_is_a_one_line_error(tmp_path, image_folder, train_env):
-    result = run_evaluate(tmp_path, overrides(image_folder), train_env)
+def test_no_checkpoint_is_a_one_line_error(tmp_path, image_folder, fast_train_env):
+    result = run_evaluate(tmp_path, overrides(image_folder), fast_train_env)
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
         f'error: no checkpoint in {tmp_path / "checkpoints"}; train one with python -m train, '

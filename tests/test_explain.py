@@ -20,7 +20,7 @@ from jax._src.interpreters import partial_eval as pe
 from PIL import Image
 
 import aff_jax
-from aff_jax import explain, fusion
+from aff_jax import explain
 from aff_jax.training import loop, sweep
 from aff_jax.training.config import load_with_overrides
 from conftest import REPO, TINY_RUN, run_train
@@ -371,12 +371,12 @@ STEPS = 10
 
 
 @pytest.fixture(scope='module')
-def quickstart_run(tmp_path_factory, train_env):
+def quickstart_run(tmp_path_factory, fast_train_env):
     """A quick-start workdir trained for STEPS steps on aff_multiscale."""
     workdir = tmp_path_factory.mktemp('quickstart')
     values = {**TINY_RUN, 'num_train_steps': STEPS, 'checkpoint_every_steps': STEPS,
               'eval_every_steps': STEPS, 'dataset': 'aff_multiscale'}
-    process = run_train(workdir, [f'--config.{k}={v}' for k, v in values.items()], train_env)
+    process = run_train(workdir, [f'--config.{k}={v}' for k, v in values.items()], fast_train_env)
     out, err = process.communicate(timeout=600)
     assert process.returncode == 0, err[-3000:]
     return workdir
@@ -387,10 +387,11 @@ def run_explain(args, env) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=600)
 
 
-def test_cli_writes_the_report_and_plays_the_pointing_game(quickstart_run, train_env, tmp_path):
+def test_cli_writes_the_report_and_plays_the_pointing_game(quickstart_run, fast_train_env,
+                                                           tmp_path):
     out = tmp_path / 'report'
     result = run_explain([f'--workdir={quickstart_run}', f'--out={out}', '--num_images=3',
-                          '--pointing-game'], train_env)
+                          '--pointing-game'], fast_train_env)
     assert result.returncode == 0, result.stderr[-3000:]
     record = json.loads((out / 'explain.json').read_text())
     assert record['step'] == STEPS and record['layer'] == 'features.5'
@@ -413,18 +414,19 @@ def test_cli_writes_the_report_and_plays_the_pointing_game(quickstart_run, train
     assert not (out / 'image_003_input.png').exists()
 
 
-def test_cli_errors_are_one_line(quickstart_run, train_env, tmp_path, image_folder):
+def test_cli_errors_are_one_line(quickstart_run, fast_train_env, tmp_path, image_folder):
     result = run_explain([f'--workdir={quickstart_run}', f'--out={tmp_path}',
-                          f'--dataset=imagefolder:{image_folder}', '--pointing-game'], train_env)
+                          f'--dataset=imagefolder:{image_folder}', '--pointing-game'],
+                         fast_train_env)
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
         f"error: --pointing-game needs the target boxes that only aff_multiscale records; "
         f"the dataset is 'imagefolder:{image_folder}'"]
-    result = run_explain([f'--workdir={tmp_path / "none"}', f'--out={tmp_path}'], train_env)
+    result = run_explain([f'--workdir={tmp_path / "none"}', f'--out={tmp_path}'], fast_train_env)
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1].startswith('error: no checkpoint in ')
     result = run_explain([f'--workdir={quickstart_run}', f'--out={tmp_path}',
-                          '--layer=features.9'], train_env)
+                          '--layer=features.9'], fast_train_env)
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1].startswith(
         "error: --layer/--target: layer 'features.9': no module at that path runs in this "

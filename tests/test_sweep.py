@@ -20,7 +20,7 @@ import pytest
 from aff_jax.training import sweep
 from aff_jax.training.config import base_config, load_with_overrides
 from aff_jax.training.errors import ConfigError
-from conftest import FAST_COMPILE, REPO, metric_rows
+from conftest import REPO, metric_rows
 
 FUSIONS, SEEDS, STEPS = ('add', 'aff'), (0, 1), 6
 SWEEP_FILE = '''\
@@ -51,14 +51,14 @@ def run_sweep_cli(config: pathlib.Path, workdir: pathlib.Path, env: dict[str, st
 
 
 @pytest.fixture(scope='module')
-def swept(tmp_path_factory, train_env, image_folder):
+def swept(tmp_path_factory, fast_train_env, image_folder):
     """The grid trained once, two cells at a time; what the tests below read and rerun."""
     root = tmp_path_factory.mktemp('sweep')
     config = root / 'tiny_sweep.py'
     config.write_text(SWEEP_FILE.format(
         quickstart=str(REPO / 'configs' / 'quickstart.py'), dataset=f'imagefolder:{image_folder}',
         steps=STEPS, fusions=FUSIONS, seeds=SEEDS))
-    env = dict(train_env, XLA_FLAGS=FAST_COMPILE)
+    env = fast_train_env
     workdir = root / 'out'
     result = run_sweep_cli(config, workdir, env, '--parallel=2')
     assert result.returncode == 0, result.stdout + result.stderr
