@@ -391,7 +391,8 @@ def factory(name: str, host_defaults: dict[str, Any] | None = None,
     caller's explicit choices and are checked strictly, as in :func:`create`.
     """
     cls = scheme(name)
-    merged = {k: v for k, v in (host_defaults or {}).items() if k in module_fields.field_names(cls)}
+    fields = module_fields.field_names(cls)
+    merged = {k: v for k, v in (host_defaults or {}).items() if k in fields}
     merged.update(options)
     create(name, **merged)  # validates the options now rather than at trace time
 

@@ -65,7 +65,6 @@ def fast_train_env(train_env) -> dict[str, str]:
     return dict(train_env, XLA_FLAGS=FAST_COMPILE)
 
 
-
 def fast_devices_flags(devices: int) -> str:
     """XLA_FLAGS for a subprocess of a few steps on ``devices`` CPU devices."""
     return f'--xla_force_host_platform_device_count={devices} {FAST_COMPILE}'
