@@ -37,8 +37,13 @@ def output_shape(model: Any, variables: Mapping[str, Any], inputs: tuple[np.ndar
 
 
 # Module-level and jitted with the model static, so that comparing one model instance again
-# (another reference, mode or step count) reuses the compiled functions.
-@functools.partial(jax.jit, static_argnums=0)
+# (another reference, mode or step count) reuses the compiled functions. Each program runs a
+# few times on a few images, so compiling is nearly all of a comparison's time: XLA is asked
+# for unoptimised code, which compiles about twice as fast.
+_QUICK_COMPILE = {'xla_backend_optimization_level': 0, 'xla_llvm_disable_expensive_passes': True}
+
+
+@functools.partial(jax.jit, static_argnums=0, compiler_options=_QUICK_COMPILE)
 def _eval_pass(model: Any, variables: Mapping[str, Any], inputs: tuple) -> tuple:
     """(output, intermediates) in inference mode."""
     out, state = model.apply(variables, *inputs, train=False, capture_intermediates=True,
@@ -46,7 +51,7 @@ def _eval_pass(model: Any, variables: Mapping[str, Any], inputs: tuple) -> tuple
     return out, state['intermediates']
 
 
-@functools.partial(jax.jit, static_argnums=0)
+@functools.partial(jax.jit, static_argnums=0, compiler_options=_QUICK_COMPILE)
 def _train_pass(model: Any, params: Any, stats: Any, inputs: tuple, labels: jax.Array) -> tuple:
     """((output, intermediates, new batch_stats), grads) of the mean softmax cross-entropy over
     the output's last axis, in train mode."""
@@ -58,6 +63,12 @@ def _train_pass(model: Any, params: Any, stats: Any, inputs: tuple, labels: jax.
 
     (_, aux), grads = jax.value_and_grad(loss, has_aux=True)(params)
     return aux, grads
+
+
+@jax.jit
+def _sgd_step(params: Any, grads: Any, learning_rate: float) -> Any:
+    # Jitted: op by op, every parameter shape would compile its own multiply and subtract.
+    return jax.tree.map(lambda p, g: p - learning_rate * g, params, grads)
 
 
 def run(model: Any, variables: Mapping[str, Any], case: Case, names: Names) -> Run:
@@ -76,7 +87,7 @@ def run(model: Any, variables: Mapping[str, Any], case: Case, names: Names) -> R
                          stats=names(model, {'params': params, 'batch_stats': new_stats}),
                          grads=names(model, {'params': grads, 'batch_stats': new_stats}))
         if case.steps:
-            params = jax.tree.map(lambda p, g: p - case.learning_rate * g, params, grads)
+            params = _sgd_step(params, grads, case.learning_rate)
             stats = new_stats
             result.states.append(names(model, {'params': params, 'batch_stats': stats}))
     return result
