@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -28,6 +29,24 @@ DENSE_AXES = ('embed', 'classes')
 conv_kernel_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 # PyTorch's default nn.Linear weight init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
 dense_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform')
+
+
+def param(module: nn.Module, name: str, init: Any, axes: tuple[str, ...], shape: tuple[int, ...],
+          dtype: Dtype) -> jax.Array:
+    """``module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)``, whose
+    existing value is checked against ``shape`` directly.
+
+    flax checks an existing parameter by tracing its initializer (``jax.eval_shape`` of a
+    random draw, on every call): a third or more of the time it takes to trace a model's
+    forward pass, which every run pays for each program it builds.
+    """
+    if module.is_initializing() or not module.has_variable('params', name):
+        return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
+    value = nn.meta.unbox(module.get_variable('params', name))
+    if tuple(np.shape(value)) != tuple(shape):
+        raise flax.errors.ScopeParamShapeError(name, module.scope.path_text, np.shape(value),
+                                               tuple(shape))
+    return value
 
 
 class Conv2D(nn.Module):
@@ -56,16 +75,15 @@ class Conv2D(nn.Module):
             raise ValueError(f'{self.name}: {channels} input channels do not split into '
                              f'groups={self.groups}')
         k = self.kernel_size
-        kernel = self.param('kernel', nn.with_logical_partitioning(conv_kernel_init, CONV_AXES),
-                            (k, k, channels // self.groups, self.features), self.param_dtype)
+        kernel = param(self, 'kernel', conv_kernel_init, CONV_AXES,
+                       (k, k, channels // self.groups, self.features), self.param_dtype)
         x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
         pad = ((self.padding, self.padding), (self.padding, self.padding))
         y = conv_lib.conv2d(x, kernel, (self.stride, self.stride), pad,
                             (self.dilation, self.dilation), self.groups)
         if self.use_bias:
-            bias = self.param('bias', nn.with_logical_partitioning(nn.initializers.zeros,
-                                                                   CONV_AXES[-1:]),
-                              (self.features,), self.param_dtype)
+            bias = param(self, 'bias', nn.initializers.zeros, CONV_AXES[-1:], (self.features,),
+                         self.param_dtype)
             y = y + bias.astype(self.dtype)
         return y
 
@@ -153,12 +171,12 @@ class BatchNorm(nn.Module):
             mean, var = running_mean.value, running_var.value
         y = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon)
         if self.use_scale:
-            scale = self.param('scale', nn.with_logical_partitioning(self.scale_init, NORM_AXES),
-                               (channels,), self.param_dtype)
+            scale = param(self, 'scale', self.scale_init, NORM_AXES, (channels,),
+                          self.param_dtype)
             y = y * scale.astype(jnp.float32)
         if self.use_bias:
-            bias = self.param('bias', nn.with_logical_partitioning(nn.initializers.zeros, NORM_AXES),
-                              (channels,), self.param_dtype)
+            bias = param(self, 'bias', nn.initializers.zeros, NORM_AXES, (channels,),
+                         self.param_dtype)
             y = y + bias.astype(jnp.float32)
         return y.astype(self.dtype)
 
