@@ -41,6 +41,8 @@ def state_layout(model: nn.Module, tx: optax.GradientTransformation, input_shape
     (no computation); ``shardings`` is the matching tree of NamedShardings: parameters and their
     optimizer slots by ``rules``, everything else replicated.
     """
+    # Jitted so that both functions below reuse its trace: the model is traced once here.
+    @jax.jit
     def init_variables(rng):
         return model.init(rng, jnp.zeros((1, *input_shape[1:]), jnp.float32), train=False)
 
@@ -55,7 +57,7 @@ def state_layout(model: nn.Module, tx: optax.GradientTransformation, input_shape
     def init_fn(rng):
         return state_of(init_variables(rng))
 
-    def boxed_and_state(rng):  # one trace of the model for both
+    def boxed_and_state(rng):
         variables = init_variables(rng)
         return variables, state_of(variables)
 
