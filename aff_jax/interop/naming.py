@@ -20,6 +20,7 @@ Flax kernels are HWIO; the conversion is a transpose, exact in both directions.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Mapping
 
 import flax
@@ -108,9 +109,23 @@ def example_inputs(model: nn.Module, external_shapes: Mapping[str, tuple[int, ..
     return (jax.ShapeDtypeStruct((2, 4, 4, channels), jnp.float32),) * model.num_inputs
 
 
-def _template(model: nn.Module, inputs: tuple) -> dict[str, Any]:
+def _trace_template(model: nn.Module, inputs: tuple) -> dict[str, Any]:
     variables = jax.eval_shape(lambda *xs: model.init(jax.random.key(0), *xs, train=False), *inputs)
     return nn.unbox(variables)
+
+
+_cached_template = functools.lru_cache(maxsize=16)(_trace_template)
+
+
+def _template(model: nn.Module, inputs: tuple) -> dict[str, Any]:
+    """``model``'s abstract variables (read, never modified). Traced once per model and input
+    shapes, since converting one model's weights needs them several times (both directions,
+    the compare tool's every step); a module with an unhashable field is traced every time."""
+    try:
+        hash((model, inputs))
+    except TypeError:
+        return _trace_template(model, inputs)
+    return _cached_template(model, inputs)
 
 
 def entries(model: nn.Module, convention: Convention, inputs: tuple) -> dict[str, _Entry]:
