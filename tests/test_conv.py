@@ -123,6 +123,30 @@ def test_module_parameters_match_flax_conv():
                                rtol=1e-5, atol=1e-5)
 
 
+def test_apply_checks_parameter_shapes_without_running_initializers(monkeypatch):
+    """layers.param: init draws each kernel once; apply draws none (flax's own check traces the
+    initializer again for every parameter) and still names a mis-shaped parameter."""
+    import flax
+    from aff_jax import layers
+
+    draws = []
+
+    def counting_init(key, shape, dtype=jnp.float32):
+        draws.append(shape)
+        return jax.random.normal(key, shape, dtype)
+
+    monkeypatch.setattr(layers, 'conv_kernel_init', counting_init)
+    x = jnp.ones((2, 5, 5, 4))
+    conv = Conv2D(6, 3, padding=1, use_bias=True)
+    variables = conv.init(jax.random.key(0), x)
+    assert draws == [(3, 3, 4, 6)]
+    conv.apply(variables, x)
+    jax.jit(conv.apply)(variables, x)
+    assert draws == [(3, 3, 4, 6)]
+    with pytest.raises(flax.errors.ScopeParamShapeError, match=r'"kernel".*\(3, 3, 5, 6\)'):
+        conv.apply(variables, jnp.ones((2, 5, 5, 5)))
+
+
 def test_xla_implementation_traces_xla_convolutions_only():
     x, w1, w3 = jnp.ones((2, 6, 6, 4)), jnp.ones((1, 1, 4, 4)), jnp.ones((3, 3, 4, 4))
 
