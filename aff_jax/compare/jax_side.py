@@ -36,14 +36,18 @@ def output_shape(model: Any, variables: Mapping[str, Any], inputs: tuple[np.ndar
     return tuple(out.shape)
 
 
-# Module-level and jitted with the model static, so that comparing one model instance again
-# (another reference, mode or step count) reuses the compiled functions. Each program runs a
-# few times on a few images, so compiling is nearly all of a comparison's time: XLA is asked
-# for unoptimised code, which compiles about twice as fast.
-_QUICK_COMPILE = {'xla_backend_optimization_level': 0, 'xla_llvm_disable_expensive_passes': True}
+@functools.cache
+def _jitted(fun: Callable, backend: str) -> Callable:
+    """``fun`` jitted with the model (its first argument) static, once per backend, so that
+    comparing one model instance again (another reference, mode or step count) reuses the
+    compiled program. Each program runs a few times on a few images, so compiling is nearly all
+    of a comparison's time: on CPUs XLA is asked for unoptimised code, which compiles about
+    twice as fast (not measured on accelerators, which keep XLA's defaults)."""
+    options = ({'xla_backend_optimization_level': 0, 'xla_llvm_disable_expensive_passes': True}
+               if backend == 'cpu' else None)
+    return jax.jit(fun, static_argnums=0, compiler_options=options)
 
 
-@functools.partial(jax.jit, static_argnums=0, compiler_options=_QUICK_COMPILE)
 def _eval_pass(model: Any, variables: Mapping[str, Any], inputs: tuple) -> tuple:
     """(output, intermediates) in inference mode."""
     out, state = model.apply(variables, *inputs, train=False, capture_intermediates=True,
@@ -51,7 +55,6 @@ def _eval_pass(model: Any, variables: Mapping[str, Any], inputs: tuple) -> tuple
     return out, state['intermediates']
 
 
-@functools.partial(jax.jit, static_argnums=0, compiler_options=_QUICK_COMPILE)
 def _train_pass(model: Any, params: Any, stats: Any, inputs: tuple, labels: jax.Array) -> tuple:
     """((output, intermediates, new batch_stats), grads) of the mean softmax cross-entropy over
     the output's last axis, in train mode."""
@@ -75,13 +78,15 @@ def run(model: Any, variables: Mapping[str, Any], case: Case, names: Names) -> R
     """``model`` (holding ``variables``: ``{'params', 'batch_stats'}``) on ``case``."""
     inputs = tuple(jnp.asarray(x) for x in case.inputs)
     if case.mode == 'eval':
-        out, intermediates = _eval_pass(model, dict(variables), inputs)
+        out, intermediates = _jitted(_eval_pass, jax.default_backend())(model, dict(variables),
+                                                                         inputs)
         return Run(_activations(intermediates, out))
     params, stats = variables['params'], variables.get('batch_stats', {})
     labels = jnp.asarray(case.labels)
     result = None
+    train_pass = _jitted(_train_pass, jax.default_backend())
     for _ in range(max(case.steps, 1)):
-        (out, intermediates, new_stats), grads = _train_pass(model, params, stats, inputs, labels)
+        (out, intermediates, new_stats), grads = train_pass(model, params, stats, inputs, labels)
         if result is None:
             result = Run(_activations(intermediates, out),
                          stats=names(model, {'params': params, 'batch_stats': new_stats}),
