@@ -27,6 +27,7 @@ import optax
 
 import aff_jax
 from aff_jax import conv as conv_lib
+from aff_jax import host_memory
 from aff_jax.interop import torch as aff_torch
 
 NUM_CLASSES = 10
@@ -186,9 +187,14 @@ def main() -> None:
                         help='JAX compute dtype (PyTorch: float32 on CPU, autocast to it on GPU)')
     parser.add_argument('--conv', default='gemm', choices=conv_lib.IMPLEMENTATIONS,
                         help="aff_jax.conv implementation ('xla': XLA's own convolutions)")
+    parser.add_argument('--retain-freed-memory', default='auto', choices=host_memory.SETTINGS,
+                        help="glibc malloc keeps freed memory for the next step (both sides; "
+                             "aff_jax.host_memory): 'auto' on CPU-only installs")
     args = parser.parse_args()
-    print(json.dumps(benchmark(args.model, args.fusion, args.batch, args.size, args.iters,
-                               args.rounds, dtype=args.dtype, conv=args.conv), indent=2))
+    retained = host_memory.retain_freed_memory(args.retain_freed_memory)
+    result = benchmark(args.model, args.fusion, args.batch, args.size, args.iters, args.rounds,
+                       dtype=args.dtype, conv=args.conv)
+    print(json.dumps({**result, 'freed_memory_retained': retained}, indent=2))
 
 
 if __name__ == '__main__':

@@ -120,17 +120,20 @@ def weight_gradient(x: jax.Array, g: jax.Array, kernel_shape: tuple[int, ...],
     """
     kh, kw, cin_g, cout = kernel_shape
     n, h_out, w_out, _ = g.shape
-    xp = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
+    # Channels first, once: the GEMMs take x_tap^T with the contracted (N, H, W) axes minor,
+    # and slicing the taps out of one transposed copy beats transposing every tap.
+    xt = jnp.transpose(jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0))), (3, 0, 1, 2))
+    xt = xt.reshape(groups, cin_g, *xt.shape[1:])
     g_groups = g.reshape(n * h_out * w_out, groups, cout // groups)
     taps = []
     for i in range(kh):
         for j in range(kw):
             top, left = i * dilation[0], j * dilation[1]
-            window = xp[:, top:top + (h_out - 1) * stride[0] + 1:stride[0],
-                        left:left + (w_out - 1) * stride[1] + 1:stride[1], :]
-            window = window.reshape(n * h_out * w_out, groups, cin_g)
+            window = xt[:, :, :, top:top + (h_out - 1) * stride[0] + 1:stride[0],
+                        left:left + (w_out - 1) * stride[1] + 1:stride[1]]
+            window = window.reshape(groups, cin_g, n * h_out * w_out)
             # (groups, C_in/groups, C_out/groups), accumulated in float32 for bf16 inputs.
-            tap = jnp.einsum('mgc,mgd->gcd', window, g_groups,
+            tap = jnp.einsum('gcm,mgd->gcd', window, g_groups,
                              preferred_element_type=jnp.float32)
             taps.append(jnp.transpose(tap, (1, 0, 2)).reshape(cin_g, cout))
     return jnp.stack(taps).reshape(kernel_shape)

@@ -26,6 +26,7 @@ import numpy as np
 
 import aff_jax
 from aff_jax import conv as conv_lib
+from aff_jax import host_memory
 from aff_jax.data import pipeline
 from aff_jax.data.sources import SPLITS
 from aff_jax.training import mesh as mesh_lib
@@ -113,6 +114,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     if config.matmul_precision not in MATMUL_PRECISIONS:
         raise ConfigError(f'config.matmul_precision must be one of {MATMUL_PRECISIONS}, got '
                           f'{config.matmul_precision!r}')
+    if config.retain_freed_memory not in host_memory.SETTINGS:
+        raise ConfigError(f'config.retain_freed_memory must be one of {host_memory.SETTINGS}, '
+                          f'got {config.retain_freed_memory!r}')
     if config.rng_impl not in RNG_IMPLS:
         raise ConfigError(f'config.rng_impl must be one of {RNG_IMPLS}, got {config.rng_impl!r}')
     optimizer_lib.make_optimizer(config)
@@ -276,6 +280,7 @@ def restored(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
     if init_from is not None and not os.path.isdir(init_from):
         raise ConfigError(f'--init_from {init_from}: no such directory (an Orbax checkpoint '
                           f'written by python -m aff_jax.interop.convert)')
+    host_memory.retain_freed_memory(config.retain_freed_memory)
     compile_cache.enable(config.compilation_cache)
     with contextlib.ExitStack() as resources:
         if init_from is None:
@@ -339,6 +344,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     """
     check_config(config)
     workdir = _open_workdir(pathlib.Path(workdir))
+    host_memory.retain_freed_memory(config.retain_freed_memory)
     compile_cache.enable(config.compilation_cache)
     try:
         return _run(config, workdir)
