@@ -14,7 +14,7 @@ import time
 # modules with threefry keys, op by op, shape after shape: -O1 cuts the suite's time by about
 # a third. Train steps compile and run alike at both levels (BENCHMARKS.md), and the training
 # subprocesses (train_env) run with the library's defaults. A level already set is kept: the
-# scripts of fast_devices_flags import this file too.
+# scripts of cpu_devices_env import this file too.
 if '--xla_backend_optimization_level' not in os.environ.get('XLA_FLAGS', ''):
     os.environ['XLA_FLAGS'] = (f"{os.environ.get('XLA_FLAGS', '')} "
                                '--xla_backend_optimization_level=1').strip()
@@ -65,9 +65,12 @@ def fast_train_env(train_env) -> dict[str, str]:
     return dict(train_env, XLA_FLAGS=FAST_COMPILE)
 
 
-def fast_devices_flags(devices: int) -> str:
-    """XLA_FLAGS for a subprocess of a few steps on ``devices`` CPU devices."""
-    return f'--xla_force_host_platform_device_count={devices} {FAST_COMPILE}'
+def cpu_devices_env(devices: int, fast: bool = True) -> dict[str, str]:
+    """Environment entries for a subprocess on ``devices`` CPU devices (the CPU platform even
+    where a GPU is installed: XLA's flag multiplies CPU devices only), compiling unoptimised
+    code when ``fast`` (runs of a few steps)."""
+    flags = f'--xla_force_host_platform_device_count={devices}'
+    return {'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': f'{flags} {FAST_COMPILE}' if fast else flags}
 
 
 # Keys that turn configs/quickstart.py into a run of a few seconds on 32x32 images of 10 classes

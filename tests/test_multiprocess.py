@@ -44,7 +44,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from conftest import REPO, complete_steps, fast_devices_flags, metric_rows, tiny_run_overrides
+from conftest import REPO, complete_steps, cpu_devices_env, metric_rows, tiny_run_overrides
 
 STEPS = 10
 RESUME_AT = 5
@@ -67,7 +67,7 @@ def _overrides(image_folder: pathlib.Path) -> list[str]:
 
 
 def _env(train_env: dict[str, str], devices: int) -> dict[str, str]:
-    return dict(train_env, XLA_FLAGS=fast_devices_flags(devices))
+    return dict(train_env, **cpu_devices_env(devices))
 
 
 def _free_port_pair() -> int:

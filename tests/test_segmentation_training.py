@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 from aff_jax.training import tasks
-from conftest import (assert_same_state, checkpointed_state, complete_steps, fast_devices_flags,
+from conftest import (assert_same_state, checkpointed_state, complete_steps, cpu_devices_env,
                       last_logged_step, metric_rows, run_train, wait_until)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -152,7 +152,7 @@ def _sharded_worker(out: pathlib.Path) -> None:
 
 
 def test_eight_devices_give_the_numbers_of_one(tmp_path):
-    env = dict(os.environ, XLA_FLAGS=fast_devices_flags(8),
+    env = dict(os.environ, **cpu_devices_env(8),
                PYTHONPATH=f'{REPO}{os.pathsep}{REPO / "tests"}')
     process = subprocess.run([sys.executable, __file__, str(tmp_path)], env=env, cwd=REPO,
                              capture_output=True, text=True, timeout=600)

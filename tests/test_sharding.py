@@ -17,7 +17,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import REPO, fast_devices_flags
+from conftest import REPO, cpu_devices_env
 
 STEPS = 3
 BATCH = 16
@@ -112,7 +112,7 @@ def _worker(out: pathlib.Path) -> None:
 @pytest.fixture(scope='module')
 def results(tmp_path_factory):
     out = tmp_path_factory.mktemp('sharding')
-    env = dict(os.environ, XLA_FLAGS=fast_devices_flags(8), PYTHONPATH=str(REPO))
+    env = dict(os.environ, **cpu_devices_env(8), PYTHONPATH=str(REPO))
     proc = subprocess.run([sys.executable, __file__, str(out)], env=env, cwd=REPO,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -20,7 +20,7 @@ from aff_jax.training import mesh as mesh_lib
 from aff_jax.training import state as state_lib
 from aff_jax.training.config import apply_overrides, base_config, load_config
 from aff_jax.training.errors import ConfigError
-from conftest import REPO, TINY_RUN, run_train
+from conftest import REPO, TINY_RUN, cpu_devices_env, run_train
 
 
 def _config(**values):
@@ -345,7 +345,7 @@ def test_bad_overrides_name_the_key(key, value, message):
         'batch_of_one', 'learning_rate', 'seed', 'no_value'])
 def test_bad_input_exits_nonzero_with_a_one_line_reason(tmp_path, train_env, image_folder,
                                                          overrides, devices, key):
-    env = dict(train_env, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+    env = dict(train_env, **cpu_devices_env(devices, fast=False))
     process = run_train(tmp_path / 'run', [o.format(folder=image_folder) for o in overrides], env)
     stdout, stderr = process.communicate(timeout=300)
     assert process.returncode == 1
