@@ -8,7 +8,8 @@ per step there, a fifth of the step on 2 cores (BENCHMARKS.md). With one arena, 
 and no trimming, a freed buffer stays mapped and the next step reuses it: 0 faults per step.
 
 What it costs: the process keeps its peak heap (which the next step needs again) and every
-thread allocates from one arena. Hence ``'auto'``: only where JAX can use nothing but the
+thread allocates from one arena, which makes XLA's multi-threaded compilation about 10% slower
+(a few seconds once per program, nothing with a warm compilation cache). Hence ``'auto'``: only where JAX can use nothing but the
 CPU, and only when the user has not tuned malloc through the environment.
 """
 from __future__ import annotations
