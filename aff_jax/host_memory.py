@@ -5,12 +5,14 @@ XLA:CPU allocates a compiled program's temporaries afresh on every call (about 2
 serves blocks that large with ``mmap`` (a thread's own arena cannot hold them) and unmaps them
 on ``free``, so every step faults the whole buffer back in page by page: ~550,000 page faults
 per step there, a fifth of the step on 2 cores (BENCHMARKS.md). With one arena, no ``mmap``
-and no trimming, a freed buffer stays mapped and the next step reuses it: 0 faults per step.
+and no trimming, a freed buffer stays mapped and the next step reuses it: 0 faults per step in
+most runs (a third of them in some, where the heap grew past a freed block).
 
 What it costs: the process keeps its peak heap (which the next step needs again) and every
-thread allocates from one arena, which makes XLA's multi-threaded compilation about 10% slower
-(a few seconds once per program, nothing with a warm compilation cache). Hence ``'auto'``: only where JAX can use nothing but the
-CPU, and only when the user has not tuned malloc through the environment.
+thread allocates from one arena, which makes XLA's multi-threaded compilation about 10%
+slower (seconds, once per program; nothing with a warm compilation cache). Hence ``'auto'``:
+only where JAX can use nothing but the CPU, and only when the user has not tuned malloc
+through the environment.
 """
 from __future__ import annotations
 
@@ -33,8 +35,8 @@ USER_TUNING = ('GLIBC_TUNABLES', 'MALLOC_ARENA_MAX', 'MALLOC_MMAP_MAX_', 'MALLOC
 def retain_freed_memory(setting: str = AUTO) -> bool:
     """Set glibc's malloc to keep freed memory (one arena, no ``mmap``, never trim) when
     ``setting`` is ``'on'``, or when it is ``'auto'``, JAX can only run on the CPU
-    (``cpu_only``) and no variable of ``USER_TUNING`` is set; ``'off'`` changes nothing. Returns whether it did (False
-    where the C library is not glibc).
+    (``cpu_only``) and no variable of ``USER_TUNING`` is set; ``'off'`` changes nothing.
+    Returns whether it did (False where the C library is not glibc).
 
     Call it before JAX starts its backend: a thread picks its arena at its first allocation,
     and XLA's worker threads are started with the backend; later, it only covers the threads
@@ -76,8 +78,9 @@ def _glibc_mallopt():
     name = ctypes.util.find_library('c')
     try:
         libc = ctypes.CDLL(name)
-        libc.gnu_get_libc_version  # only glibc has it; musl and macOS have no mallopt
-    except (OSError, AttributeError, TypeError):
+    except (OSError, TypeError):
+        return None
+    if not hasattr(libc, 'gnu_get_libc_version'):  # musl, macOS: no glibc mallopt
         return None
     mallopt = libc.mallopt
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
