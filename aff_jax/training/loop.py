@@ -212,6 +212,13 @@ def numerics(config: ml_collections.ConfigDict) -> Iterator[None]:
         yield
 
 
+def _configure_process(config: ml_collections.ConfigDict) -> None:
+    """The config's process-wide settings, before anything starts JAX's backend or compiles:
+    glibc's malloc (``host_memory``) and the persistent compilation cache."""
+    host_memory.retain_freed_memory(config.retain_freed_memory)
+    compile_cache.enable(config.compilation_cache)
+
+
 def evaluate_saved(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
                    split: str = 'test', init_from: str | None = None) -> Evaluation:
     """Score saved weights on ``split`` with the trainer's sharded eval step.
@@ -280,8 +287,7 @@ def restored(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
     if init_from is not None and not os.path.isdir(init_from):
         raise ConfigError(f'--init_from {init_from}: no such directory (an Orbax checkpoint '
                           f'written by python -m aff_jax.interop.convert)')
-    host_memory.retain_freed_memory(config.retain_freed_memory)
-    compile_cache.enable(config.compilation_cache)
+    _configure_process(config)
     with contextlib.ExitStack() as resources:
         if init_from is None:
             resources.enter_context(WorkdirLock(directory.parent))
@@ -344,8 +350,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     """
     check_config(config)
     workdir = _open_workdir(pathlib.Path(workdir))
-    host_memory.retain_freed_memory(config.retain_freed_memory)
-    compile_cache.enable(config.compilation_cache)
+    _configure_process(config)
     try:
         return _run(config, workdir)
     except Exception as e:
