@@ -10,6 +10,7 @@ saving a checkpoint. ``--verbose`` shows the traceback behind a one-line error.
 import logging as std_logging
 import os
 import sys
+import warnings
 
 from absl import app, flags, logging
 
@@ -59,6 +60,10 @@ def main(argv, overrides):
     if not _VERBOSE.value:
         logging.get_absl_handler().addFilter(_BackgroundErrors())
         sys.unraisablehook = _quiet_closed_loop(sys.unraisablehook)
+        # An aborted Orbax save leaves coroutines it never started, which Python reports at
+        # exit ("coroutine 'async_serialize_from_host.<locals>.write_fragment' was never
+        # awaited"), after the one-line error.
+        warnings.filterwarnings('ignore', r"coroutine '.*' was never awaited", RuntimeWarning)
     try:
         config = load_with_overrides(_CONFIG.value, overrides)
         if _DISTRIBUTED.value:

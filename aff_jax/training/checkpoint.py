@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import pathlib
 import shutil
+import time
 from typing import Any
 
 import jax
@@ -20,10 +21,12 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as policies
 
-from aff_jax.training.errors import ConfigError
+from aff_jax.training.errors import ConfigError, attribute_full_disk
 from aff_jax.training.state import TrainState
 
 CORRUPT_PREFIX = 'corrupt-'
+# Seconds before each removal of a failed save's directories (see Checkpointer.__exit__).
+_PARTIAL_SAVE_SWEEPS = (0.0, 0.5)
 
 
 class Checkpointer:
@@ -70,10 +73,18 @@ class Checkpointer:
         with contextlib.suppress(Exception):  # the exception that ended the run is the one
             self.close()                       # to report
         # What is still temporary now is a save that failed (a full disk, ...): remove it, so
-        # that no half-written checkpoint stays behind.
+        # that no half-written checkpoint stays behind. A failed save can still create one of
+        # its directories after a first removal (an empty `state.orbax-checkpoint-tmp`, in
+        # about one of ten full-disk test runs: Orbax creates them asynchronously and, it
+        # seems, does not wait for that when the save fails), so look again a moment later.
         if jax.process_index() == 0:
-            for partial in self.directory.glob('*.orbax-checkpoint-tmp*'):
-                shutil.rmtree(partial, ignore_errors=True)
+            failed = sorted(self.directory.glob('*.orbax-checkpoint-tmp*'))
+            if failed:  # what a full disk without a file name stopped
+                attribute_full_disk(exc, failed[0])
+            for delay in _PARTIAL_SAVE_SWEEPS:
+                time.sleep(delay)
+                for partial in self.directory.glob('*.orbax-checkpoint-tmp*'):
+                    shutil.rmtree(partial, ignore_errors=True)
 
     def steps(self) -> list[int]:
         """The steps of the complete checkpoints, oldest first."""

@@ -10,6 +10,7 @@ import sys
 
 import tqdm
 
+from aff_jax.training.errors import writing
 from aff_jax.training.tensorboard import EventWriter
 
 METRICS_FILE = 'metrics.jsonl'
@@ -43,7 +44,7 @@ class MetricsWriter:
     def write(self, step: int, values: dict[str, float]) -> None:
         if not self.enabled:
             return
-        with self.path.open('a') as f:
+        with writing(self.path), self.path.open('a') as f:
             f.write(json.dumps({'step': step, **values}) + '\n')
         self.tensorboard.scalars(step, values)
 

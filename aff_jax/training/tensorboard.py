@@ -19,6 +19,8 @@ import struct
 import time
 from typing import Iterator
 
+from aff_jax.training.errors import writing
+
 FILE_VERSION = 'brain.Event:2'
 _SESSION_START = 1
 
@@ -112,8 +114,9 @@ class EventWriter:
             self._write(encode_event(purge_step, now, session_start=True))
 
     def _write(self, record: bytes) -> None:
-        self._file.write(frame(record))
-        self._file.flush()
+        with writing(self.path):
+            self._file.write(frame(record))
+            self._file.flush()
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         """One event per tag, as ``add_scalar`` writes them."""
