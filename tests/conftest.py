@@ -45,24 +45,28 @@ def user_cache(tmp_path_factory):
         os.environ['XDG_CACHE_HOME'] = previous
 
 
+# Training runs are compared bit for bit (resumed or not, other data workers); on a GPU that
+# takes XLA's deterministic kernels (BENCHMARKS.md). CPUs ignore the flag.
+DETERMINISTIC = '--xla_gpu_deterministic_ops=true'
+
+
 @pytest.fixture(scope='session')
 def train_env(tmp_path_factory) -> dict[str, str]:
-    """Environment for training subprocesses: one CPU device, a TFDS data dir of their own,
-    and a compilation cache they share, so that runs of one config compile once."""
+    """Environment for training subprocesses: the default device (one CPU here), XLA's
+    default optimisation, a TFDS data dir of their own, and a compilation cache they share, so
+    that runs of one config compile once."""
     cache = tmp_path_factory.mktemp('jax_cache')
-    env = dict(os.environ, PYTHONPATH=str(REPO),
-               TFDS_DATA_DIR=str(tmp_path_factory.mktemp('tfds')),
-               JAX_COMPILATION_CACHE_DIR=str(cache),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
-               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
-    env.pop('XLA_FLAGS', None)
-    return env
+    return dict(os.environ, PYTHONPATH=str(REPO), XLA_FLAGS=DETERMINISTIC,
+                TFDS_DATA_DIR=str(tmp_path_factory.mktemp('tfds')),
+                JAX_COMPILATION_CACHE_DIR=str(cache),
+                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
 
 
 @pytest.fixture(scope='session')
 def fast_train_env(train_env) -> dict[str, str]:
     """train_env compiling unoptimised code, for runs of a few steps."""
-    return dict(train_env, XLA_FLAGS=FAST_COMPILE)
+    return dict(train_env, XLA_FLAGS=f'{DETERMINISTIC} {FAST_COMPILE}')
 
 
 def cpu_devices_env(devices: int, fast: bool = True) -> dict[str, str]:

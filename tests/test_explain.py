@@ -362,7 +362,8 @@ def test_pointing_game_sweep_cells():
     for cell in cells:
         loop.check_config(cell.config)
         differing = {k for k in quickstart if quickstart[k] != cell.config[k]}
-        assert differing <= {'fusion', 'seed'}
+        assert differing <= {'fusion', 'seed', 'warmup_steps'}
+        assert cell.config.warmup_steps == 20
 
 
 # ---------------------------------------------------------------- the CLI
