@@ -87,9 +87,10 @@ def benchmark(model_name: str, fusion: str | None = None, batch: int = 32, size:
         variables = jax.jit(functools.partial(model.init, train=False))(jax.random.key(0), x)
     tx = optax.sgd(0.01, momentum=0.9)
 
-    forward = jax.jit(functools.partial(model.apply, train=False))
+    options = conv_lib.compiler_options(jax.default_backend())
+    forward = jax.jit(functools.partial(model.apply, train=False), compiler_options=options)
 
-    @functools.partial(jax.jit, donate_argnums=(0, 1, 2))
+    @functools.partial(jax.jit, donate_argnums=(0, 1, 2), compiler_options=options)
     def train_step(params, batch_stats, opt_state, images, targets):
         def loss_fn(p):
             logits, updates = model.apply({'params': p, 'batch_stats': batch_stats}, images,
@@ -157,7 +158,7 @@ def benchmark(model_name: str, fusion: str | None = None, batch: int = 32, size:
     per_round = {name: np.asarray(values) for name, values in seconds.items()}
     return {
         'model': model_name, 'fusion': fusion, 'batch': batch, 'size': size, 'dtype': dtype,
-        'conv': conv,
+        'conv': conv, 'compiler_options': options,
         'iters': iters, 'rounds': rounds, 'shared_weights': shared_weights,
         'machine': f'{platform.processor() or platform.machine()}, '
                    f'{jax.devices()[0].device_kind}, torch {torch.__version__} on '

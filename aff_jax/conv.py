@@ -13,12 +13,17 @@ stride > 1), which XLA differentiates into GEMMs by itself.
 Both change the float32 rounding of the gradients (not their values beyond 1e-5), and so the
 trajectory of a long run. ``implementation('xla')`` traces XLA's own convolutions everywhere,
 as aff-jax did before; training configs choose with ``config.conv_implementation``.
+
+``compiler_options(platform)`` is what programs running these convolutions compile with: on a
+CPU, XLA's convolutions run in Eigen rather than YNNPACK (which keeps the dots and
+reductions); see its docstring.
 """
 from __future__ import annotations
 
 import contextlib
 import contextvars
 import functools
+import os
 from typing import Iterator
 
 import jax
@@ -28,6 +33,10 @@ from jax import lax
 _DIMENSIONS = ('NHWC', 'HWIO', 'NHWC')
 
 Padding = tuple[tuple[int, int], tuple[int, int]]
+
+_YNN_FUSIONS = 'xla_cpu_experimental_ynn_fusion_type'
+# XLA:CPU's default YNNPACK fusions (jaxlib 0.10.2) less LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION.
+_YNN_WITHOUT_CONVOLUTIONS = 'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE'
 
 IMPLEMENTATIONS = ('gemm', 'xla')
 _IMPLEMENTATION = contextvars.ContextVar('aff_jax_conv_implementation', default='gemm')
@@ -44,6 +53,20 @@ def implementation(name: str) -> Iterator[None]:
         yield
     finally:
         _IMPLEMENTATION.reset(token)
+
+
+def compiler_options(platform: str) -> dict[str, str] | None:
+    """``jax.jit(..., compiler_options=...)`` for a program with convolutions on ``platform``.
+
+    On a CPU, XLA's convolutions run in Eigen instead of YNNPACK: on the 2-core AVX2
+    development machine YNNPACK's were the slower ones (``cifar_aff_resnet32``, batch 32:
+    forward 42.9 -> 60.9 img/s, train step 10.3 -> 12.2 img/s; BENCHMARKS.md). Dots and
+    reductions stay with YNNPACK. None on other platforms, and where the user's ``XLA_FLAGS``
+    choose the YNNPACK fusions themselves.
+    """
+    if platform != 'cpu' or _YNN_FUSIONS in os.environ.get('XLA_FLAGS', ''):
+        return None
+    return {_YNN_FUSIONS: _YNN_WITHOUT_CONVOLUTIONS}
 
 
 def conv2d(x: jax.Array, kernel: jax.Array, stride: tuple[int, int] = (1, 1),

@@ -165,6 +165,41 @@ def test_xla_implementation_traces_xla_convolutions_only():
             pass
 
 
+def test_cpu_compiler_options_take_convolutions_off_ynnpack(monkeypatch):
+    """The options reach XLA:CPU (no YNNPACK fusion left around the convolutions, the dot
+    still in one) and change nothing beyond float32 rounding."""
+    rng = np.random.default_rng(0)
+    # Large enough for XLA to hand the convolution to YNNPACK by default (4x8x8x16 is not).
+    x = jnp.asarray(0.1 * rng.standard_normal((8, 16, 16, 32)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((3, 3, 32, 32)), jnp.float32)
+    m = jnp.asarray(rng.standard_normal((32, 32)), jnp.float32)
+
+    def f(x, w, m):
+        h = conv_lib.conv2d(x, w, padding=((1, 1), (1, 1)))
+        return jnp.tanh(h) @ m
+
+    def compiled(options):
+        program = jax.jit(f, compiler_options=options).lower(x, w, m).compile()
+        return program.as_text(), program(x, w, m)
+
+    default_text, default_out = compiled(None)
+    text, out = compiled(conv_lib.compiler_options('cpu'))
+    def ynn_fusions(text):
+        return [line for line in text.splitlines() if '%ynn_fusion' in line and ' = ' in line]
+    assert any('conv_general_dilated' in line for line in ynn_fusions(default_text))
+    assert any('dot_general' in line for line in ynn_fusions(text))
+    assert not any('conv_general_dilated' in line for line in ynn_fusions(text))
+    xp = np.pad(np.asarray(x, np.float64), ((0, 0), (1, 1), (1, 1), (0, 0)))
+    h = sum(np.einsum('nhwc,co->nhwo', xp[:, i:i + 16, j:j + 16], np.asarray(w, np.float64)[i, j])
+            for i in range(3) for j in range(3))
+    reference = np.tanh(h) @ np.asarray(m, np.float64)
+    for result in (out, default_out):  # float32 sums of 288 and 32 terms
+        np.testing.assert_allclose(result, reference, rtol=1e-5, atol=1e-4)
+    assert conv_lib.compiler_options('gpu') is None
+    monkeypatch.setenv('XLA_FLAGS', '--xla_cpu_experimental_ynn_fusion_type=')
+    assert conv_lib.compiler_options('cpu') is None  # the user's choice stands
+
+
 def test_config_names_a_bad_conv_implementation():
     from aff_jax.training import loop
     from aff_jax.training.config import base_config

@@ -16,6 +16,7 @@ import ml_collections
 import optax
 from jax.sharding import NamedSharding
 
+from aff_jax import conv
 from aff_jax.training.errors import ConfigError
 from aff_jax.training.state import TrainState
 from aff_jax.training.tasks import Task, cross_entropy
@@ -124,7 +125,8 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
 
     replicated = NamedSharding(batch_sharding.mesh, jax.sharding.PartitionSpec())
     return jax.jit(train_step, in_shardings=(state_shardings, batch_sharding),
-                   out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+                   out_shardings=(state_shardings, replicated), donate_argnums=(0,),
+                   compiler_options=_compiler_options(batch_sharding))
 
 
 def make_eval_step(model: nn.Module, reduce: Callable[[jax.Array, Batch], Any],
@@ -140,4 +142,8 @@ def make_eval_step(model: nn.Module, reduce: Callable[[jax.Array, Batch], Any],
 
     replicated = NamedSharding(batch_sharding.mesh, jax.sharding.PartitionSpec())
     return jax.jit(eval_step, in_shardings=(state_shardings, batch_sharding),
-                   out_shardings=replicated)
+                   out_shardings=replicated, compiler_options=_compiler_options(batch_sharding))
+
+
+def _compiler_options(batch_sharding: NamedSharding) -> dict[str, str] | None:
+    return conv.compiler_options(batch_sharding.mesh.devices.flat[0].platform)
