@@ -271,7 +271,7 @@ def test_bfloat16_training_keeps_float32_state_and_follows_float32():
             train_step = steps.make_train_step(model, tx, optimizer.make_schedule(config),
                                                config, tasks.Classification(10),
                                                jax.random.key(1), shardings, sharding)
-            jaxpr = str(jax.make_jaxpr(train_step)(state, jax.device_put(batch, sharding)))
+            jaxpr = str(train_step.trace(state, jax.device_put(batch, sharding)).jaxpr)
             state, metrics = train_step(state, jax.device_put(batch, sharding))
             results[dtype] = jax.device_get((state, metrics))
             if dtype == jnp.bfloat16:

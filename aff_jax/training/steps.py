@@ -56,7 +56,9 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
                     task: Task, rng: jax.Array, state_shardings: TrainState,
                     batch_sharding: NamedSharding
                     ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
-    """``train_step(state, batch) -> (state, metrics)``, jitted with the state donated.
+    """``train_step(state, batch) -> (state, metrics)``, jitted with the state donated and, on a
+    CPU, ``conv.compiler_options``: a top-level jit, which JAX does not let another ``jit`` or
+    ``make_jaxpr`` trace into (use its ``.trace`` / ``.lower``).
 
     ``batch``: ``image`` (B, H, W, C) float32, ``label`` (B,) int32 (classification) or
     (B, H, W) int32 (segmentation). The loss is the mean cross-entropy over what the task
