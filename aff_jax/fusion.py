@@ -179,7 +179,12 @@ class GatedFusion(_FusionBase):
         _record(self, 'gate', lambda: jnp.broadcast_to(gate, x.shape))
         x32, y32 = x.astype(jnp.float32), y.astype(jnp.float32)
         if self.combine == 'select':
-            z = self.scale * (gate * x32 + (1.0 - gate) * y32)
+            # The scale goes onto the gate, not onto the sum: XLA duplicates an elementwise op
+            # with one non-constant operand (``scale * sum``) into every consumer, and a stage's
+            # chain of blends then got recomputed from its first block inside each backward
+            # transpose. Ending in the two-input add keeps each block's output materialised once.
+            # Bit-identical for a power-of-two scale (the official 2).
+            z = (self.scale * gate) * x32 + (self.scale - self.scale * gate) * y32
         elif self.combine == 'modulate':
             z = gate * x32 + y32
         elif self.combine == 'refine':

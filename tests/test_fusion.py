@@ -255,8 +255,42 @@ def test_aff_scale():
     variables = setup(one, x, y)
     check_against_reference(one, aff_formula(1.0), variables, x, y)
     check_against_reference(two, aff_formula(2.0), variables, x, y)
-    np.testing.assert_allclose(two.apply(variables, x, y, False),
-                               2 * one.apply(variables, x, y, False), rtol=1e-6)
+    # Exactly twice: scaling by a power of two commutes with float32 rounding, so putting the
+    # scale on the gate (which keeps XLA from recomputing chained blends) changes no bit.
+    np.testing.assert_array_equal(two.apply(variables, x, y, False),
+                                  2 * one.apply(variables, x, y, False))
+
+
+class _BlendChain(nn.Module):
+    """``depth`` AFF (scale 2) blends in a row, each output also read by a transposing copy,
+    as a residual stage's outputs are by the weight gradients of the convolutions after them."""
+    depth: int
+
+    @nn.compact
+    def __call__(self, z, ys):
+        outputs = []
+        for i in range(self.depth):
+            z = aff_jax.AFF(r=4, scale=2.0, name=str(i))(z, ys[i], True)
+            outputs.append(jnp.transpose(z, (3, 1, 2, 0)))
+        return outputs
+
+
+def test_chained_blends_are_computed_once():
+    """XLA duplicates an elementwise op with one non-constant operand into every consumer; a
+    blend ending in ``scale * (...)`` dragged the whole chain before it into each transposing
+    copy, so the multiplies grew with the square of the depth (16, 56, 120 for depths 2, 4, 6).
+    Computed once, they grow linearly."""
+    shape = (4, 8, 8, 16)
+    full_size_multiply = re.compile(r'= f32\[%s\]\{[\d,]*\} multiply\(' % ','.join(map(str, shape)))
+    counts = []
+    for depth in (2, 4, 6):
+        chain = _BlendChain(depth)
+        z, ys = jnp.ones(shape), jnp.ones((depth, *shape))
+        variables = chain.init(jax.random.key(0), z, ys)
+        step = jax.jit(lambda z, ys: chain.apply(variables, z, ys, mutable=['batch_stats'])[0])
+        counts.append(len(full_size_multiply.findall(step.lower(z, ys).compile().as_text())))
+    assert counts[0] > 0
+    assert counts[2] - counts[1] == counts[1] - counts[0], counts
 
 
 def test_iaff_reuse_global():
