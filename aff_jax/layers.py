@@ -9,6 +9,7 @@ the training code can map them onto a device mesh; the names are
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Literal
 
 import flax
@@ -150,6 +151,13 @@ class BatchNorm(nn.Module):
         if self.stats_rule == 'torch':
             tracked = self.variable('batch_stats', 'num_batches_tracked', jnp.zeros, (), jnp.int32)
         x32 = x.astype(jnp.float32)
+        scale = bias = None
+        if self.use_scale:
+            scale = param(self, 'scale', self.scale_init, NORM_AXES, (channels,),
+                          self.param_dtype).astype(jnp.float32)
+        if self.use_bias:
+            bias = param(self, 'bias', nn.initializers.zeros, NORM_AXES, (channels,),
+                         self.param_dtype).astype(jnp.float32)
         if train:
             count = x.size // channels
             if count < 2:
@@ -157,9 +165,9 @@ class BatchNorm(nn.Module):
                     f'BatchNorm in train mode needs more than one value per channel, got input '
                     f'of shape {tuple(x.shape)}; the global-context branch sees one value per '
                     f'image, so train with a batch size of at least 2')
-            axes = tuple(range(x.ndim - 1))
-            mean = jnp.mean(x32, axes)
-            var = jnp.mean(jnp.square(x32 - mean), axes)
+            y, mean, var = normalize_batch(
+                x32, jnp.ones((channels,), jnp.float32) if scale is None else scale,
+                jnp.zeros((channels,), jnp.float32) if bias is None else bias, self.epsilon)
             if self.update_stats and not self.is_initializing():
                 update_var = var * (count / (count - 1)) if self.stats_rule == 'torch' else var
                 m = self.momentum
@@ -167,18 +175,53 @@ class BatchNorm(nn.Module):
                 running_var.value = m * running_var.value + (1.0 - m) * update_var
                 if self.stats_rule == 'torch':
                     tracked.value = tracked.value + 1
-        else:
-            mean, var = running_mean.value, running_var.value
-        y = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon)
-        if self.use_scale:
-            scale = param(self, 'scale', self.scale_init, NORM_AXES, (channels,),
-                          self.param_dtype)
-            y = y * scale.astype(jnp.float32)
-        if self.use_bias:
-            bias = param(self, 'bias', nn.initializers.zeros, NORM_AXES, (channels,),
-                         self.param_dtype)
-            y = y + bias.astype(jnp.float32)
+            return y.astype(self.dtype)
+        y = (x32 - running_mean.value) * jax.lax.rsqrt(running_var.value + self.epsilon)
+        if scale is not None:
+            y = y * scale
+        if bias is not None:
+            y = y + bias
         return y.astype(self.dtype)
+
+
+def _normalize_batch_fwd(x, scale, bias, epsilon):
+    axes = tuple(range(x.ndim - 1))
+    mean = jnp.mean(x, axes)
+    centred = x - mean
+    var = jnp.mean(jnp.square(centred), axes)
+    inv = jax.lax.rsqrt(var + epsilon)
+    return (centred * inv * scale + bias, mean, var), (x, mean, inv, scale)
+
+
+def _normalize_batch_bwd(epsilon, residuals, cotangents):
+    x, mean, inv, scale = residuals
+    dy, dmean, dvar = cotangents
+    axes = tuple(range(dy.ndim - 1))
+    n = dy.size // dy.shape[-1]
+    centred = x - mean
+    dbias = jnp.sum(dy, axes)
+    dscale = jnp.sum(dy * centred, axes) * inv
+    a = scale * inv
+    dx = dy * a - (a * dbias - dmean) / n - centred * ((a * inv * dscale - 2 * dvar) / n)
+    return dx, dscale, dbias
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def normalize_batch(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float
+                    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Train-mode batch normalisation of ``x`` (..., C) float32 over all but its last axis:
+    ``((x - mean) * rsqrt(var + epsilon) * scale + bias, mean, var)``, biased variance.
+
+    The gradient is the closed form, ``dx = a*dy - (a*sum(dy) - dmean)/n - (x - mean) *
+    (a*inv*dscale - 2*dvar)/n`` with ``inv = rsqrt(var + epsilon)``, ``a = scale*inv``, instead
+    of JAX's derivative of each step: a program with fewer ops, which XLA:CPU fuses into fewer
+    places (the ``cifar_aff_resnet32`` train step: 9% faster, compiled in 6.7 s instead of
+    8.5 s; BENCHMARKS.md). Values equal the step-wise derivative to float32 rounding.
+    """
+    return _normalize_batch_fwd(x, scale, bias, epsilon)[0]
+
+
+normalize_batch.defvjp(_normalize_batch_fwd, _normalize_batch_bwd)
 
 
 def max_pool_3x3_s2(x: jax.Array) -> jax.Array:
