@@ -98,8 +98,33 @@ def _pointwise(x: jax.Array, kernel: jax.Array, stride: tuple[int, int]) -> jax.
 
 
 def _native(x, kernel, stride, padding, dilation, groups):
+    if x.shape[1] * x.shape[2] < kernel.shape[0] * kernel.shape[1]:
+        return _small_map(x, kernel, stride, padding, dilation, groups)
     return lax.conv_general_dilated(x, kernel, stride, padding, rhs_dilation=dilation,
                                     dimension_numbers=_DIMENSIONS, feature_group_count=groups)
+
+
+def _small_map(x, kernel, stride, padding, dilation, groups):
+    """The convolution of a map with fewer pixels than the kernel has taps, as one product of
+    the stacked taps with the kernel.
+
+    XLA swaps such a convolution's operands (the map becomes the kernel: a 3x3 kernel on the
+    2x2 maps of an ImageNet ResNet's last stage at 64x64 input), folding any explicit padding
+    back in first, and XLA:CPU ran the swapped one ~25x slower than the product.
+    """
+    kh, kw, cin_g, cout = kernel.shape
+    n, h, w, _ = x.shape
+    h_out = (h + sum(padding[0]) - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    w_out = (w + sum(padding[1]) - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    xp = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
+    taps = jnp.stack([
+        xp[:, i * dilation[0]:i * dilation[0] + (h_out - 1) * stride[0] + 1:stride[0],
+           j * dilation[1]:j * dilation[1] + (w_out - 1) * stride[1] + 1:stride[1], :]
+        for i in range(kh) for j in range(kw)], axis=3)
+    taps = taps.reshape(n, h_out, w_out, kh * kw, groups, cin_g)
+    weights = kernel.reshape(kh * kw, cin_g, groups, cout // groups)
+    out = jnp.einsum('nhwtgc,tcgo->nhwgo', taps, weights)
+    return out.reshape(n, h_out, w_out, cout)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))

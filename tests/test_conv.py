@@ -55,6 +55,41 @@ def test_value_and_gradients_equal_xla(case):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()))
 
 
+SMALL_MAPS = {  # input (H, W), kernel, stride, padding, dilation, groups, C_in, C_out
+    '2x2 map, 3x3 kernel (an ImageNet ResNet\'s last stage at 64x64)': ((2, 2), 3, 1, ((1, 1), (1, 1)), 1, 1, 8, 12),
+    '1x3 map, stride 2, groups 2': ((1, 3), 3, 2, ((1, 1), (1, 1)), 1, 2, 8, 6),
+    '2x2 map, dilation 2, asymmetric padding': ((2, 2), 3, 1, ((2, 1), (1, 2)), 2, 1, 4, 5),
+}
+
+
+@pytest.mark.parametrize('implementation', conv_lib.IMPLEMENTATIONS)
+@pytest.mark.parametrize('case', list(SMALL_MAPS))
+def test_map_smaller_than_kernel_is_a_product_equal_to_xla(case, implementation):
+    """A map with fewer pixels than the kernel has taps goes through one product of the stacked
+    taps (XLA would swap the convolution's operands, a slow kernel on CPU); same values and
+    gradients as XLA's convolution."""
+    size, kernel, stride, padding, dilation, groups, cin, cout = SMALL_MAPS[case]
+    kernel, stride, dilation = _pair(kernel), _pair(stride), _pair(dilation)
+    kx, kw, kg = jax.random.split(jax.random.key(3), 3)
+    x = jax.random.normal(kx, (3, *size, cin))
+    w = jax.random.normal(kw, (*kernel, cin // groups, cout))
+    out = _xla(x, w, stride, padding, dilation, groups)
+    g = jax.random.normal(kg, out.shape)
+
+    def loss(f):
+        return lambda x, w: jnp.vdot(f(x, w, stride, padding, dilation, groups), g)
+
+    with conv_lib.implementation(implementation):
+        ours = jax.jit(lambda x, w: conv_lib.conv2d(x, w, stride, padding, dilation, groups))
+        assert 'convolution' not in ours.lower(x, w).as_text()
+        np.testing.assert_allclose(ours(x, w), out, rtol=1e-5,
+                                   atol=1e-5 * float(jnp.abs(out).max()))
+        dx, dw = jax.jit(jax.grad(loss(conv_lib.conv2d), (0, 1)))(x, w)
+    dx_ref, dw_ref = jax.grad(loss(_xla), (0, 1))(x, w)
+    for got, want in ((dx, dx_ref), (dw, dw_ref)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()))
+
+
 def test_weight_gradient_against_numpy_loops():
     """The GEMM weight gradient against the definition, written as loops in float64."""
     rng = np.random.default_rng(1)
