@@ -1,11 +1,18 @@
 """2-D convolution (NHWC input, HWIO kernel) whose weight gradient is computed as GEMMs on CPU.
 
-XLA:CPU runs the forward and input-gradient convolutions at 70-100 GFLOP/s on the 2-core
-development machine, but the weight-gradient convolution of wide, high-resolution layers at
-4-7 GFLOP/s (64 channels at 32x32, batch 32). Written as one ``x_tap^T @ g`` product per
-kernel tap (nine for a 3x3 kernel) it runs at matmul speed instead. The custom VJP picks that
-path only when lowering for CPU (``jax.lax.platform_dependent``): GPU and TPU keep XLA's native
-convolution gradients, which are fast there.
+With XLA:CPU's default (YNNPACK) convolutions, the 2-core AMD development machine ran the
+forward and input-gradient convolutions at 70-100 GFLOP/s but the weight-gradient convolution
+of wide, high-resolution layers at 4-7 GFLOP/s (64 channels at 32x32, batch 32). Written as one
+``x_tap^T @ g`` product per kernel tap (nine for a 3x3 kernel) it runs at matmul speed instead.
+The custom VJP picks that path only when lowering for CPU (``jax.lax.platform_dependent``): GPU
+and TPU keep XLA's native convolution gradients, which are fast there. With the convolutions in
+Eigen (``compiler_options``), a 2-core AVX-512 Intel machine ran XLA's weight gradient 2.3-7x
+faster than these GEMMs, so ``implementation('xla')`` trains 3x3-heavy models faster there
+(BENCHMARKS.md); the AMD machine has not been measured that way yet.
+
+A map with fewer pixels than the kernel has taps (the 2x2 last stage of an ImageNet ResNet at
+64x64 input) is convolved as one product of its stacked taps, in both implementations: XLA
+would swap the operands of that convolution, a ~25x slower kernel on CPU.
 
 A 1x1 convolution without groups is a ``dot`` over channels (of the strided subsample for
 stride > 1), which XLA differentiates into GEMMs by itself.
@@ -76,7 +83,9 @@ def conv2d(x: jax.Array, kernel: jax.Array, stride: tuple[int, int] = (1, 1),
     (kh, kw, C_in // groups, C_out) -> (N, H_out, W_out, C_out), where
     ``H_out = (H + pad_lo + pad_hi - dilation * (kh - 1) - 1) // stride + 1``.
 
-    Same values as XLA's convolution; only the weight gradient's algorithm differs on CPU.
+    Same values as XLA's convolution; only the weight gradient's algorithm differs on CPU, and,
+    on every platform, that of a map with fewer pixels than the kernel has taps (one product of
+    the stacked taps, see ``_small_map``).
     """
     stride, dilation = tuple(stride), tuple(dilation)
     padding = tuple(tuple(p) for p in padding)

