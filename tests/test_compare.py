@@ -109,14 +109,8 @@ def small_port():
 
 def _train_rows(small_port, reference, steps=2):
     _, model, variables = small_port
-    # At the default learning rate of 0.1 the first step rewrites some weights several times
-    # over (updates up to 4x a tensor's largest entry), and the second step then amplifies
-    # float32 rounding beyond the float64-estimated noise: on an AVX-512 machine the ports
-    # differed by 5.8% with 0.56% noise. At 0.01 (updates 0.5% of a tensor's largest entry
-    # at the median, 40% at most) the steps compare within 3x the noise.
     return compare.compare(model, variables, compare.torch_reference(reference),
-                           compare.example_input(4, 16, seed=3), mode='train', steps=steps,
-                           learning_rate=0.01)
+                           compare.example_input(4, 16, seed=3), mode='train', steps=steps)
 
 
 def test_train_mode_and_sgd_steps_agree_with_the_port(small_port):

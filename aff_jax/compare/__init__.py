@@ -49,7 +49,7 @@ def example_input(batch: int, size: int, seed: int, channels: int = 3) -> np.nda
 
 def compare(model: Any, variables: Mapping[str, Any], reference_fn: Callable[[Case, str], Run],
             x: np.ndarray | tuple[np.ndarray, ...], *, mode: str = 'eval', steps: int = 0,
-            learning_rate: float = 0.1, seed: int = 0,
+            learning_rate: float = 0.01, seed: int = 0,
             names: jax_side.Names | None = None) -> list[Row]:
     """Rows comparing ``model`` (a flax module holding ``variables``) with ``reference_fn``.
 

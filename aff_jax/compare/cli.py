@@ -115,7 +115,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument('--steps', type=int, default=0,
                         help='SGD steps on both sides (train mode), comparing every variable '
                              'after each')
-    parser.add_argument('--learning-rate', type=float, default=0.1)
+    parser.add_argument('--learning-rate', type=float, default=0.01,
+                        help='SGD step size for --steps (at 0.1 one step can change a random '
+                             'model\'s weights by several times their size, and the next steps '
+                             'amplify float32 rounding beyond the noise column)')
     parser.add_argument('--dtype', choices=('float32', 'bfloat16'), default='float32',
                         help='JAX compute dtype; the reference runs in float32 either way')
     parser.add_argument('--layers', type=_layers, default=None,

@@ -19,13 +19,16 @@ class Case:
     class indices of the output's shape without its last axis (``(N,)`` for ``(N, classes)``
     logits, ``(N, H, W)`` for an NHWC map), None in eval mode. ``steps``: SGD steps
     ``p -= learning_rate * grad`` on that same batch, each after a train-mode forward (which
-    also updates the running statistics).
+    also updates the running statistics). At 0.1 one step changed a random ``tv_resnet18``'s
+    weights by up to 4x their largest entry, and the second step then amplified float32
+    rounding beyond the float64 noise estimate (5.8% against 0.56% on an AVX-512 machine); at
+    the default 0.01 (updates of 0.5% at the median) the steps agree within 3x the noise.
     """
     inputs: tuple[np.ndarray, ...]
     mode: str = 'eval'
     labels: np.ndarray | None = None
     steps: int = 0
-    learning_rate: float = 0.1
+    learning_rate: float = 0.01
 
 
 @dataclasses.dataclass
