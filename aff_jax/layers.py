@@ -151,7 +151,9 @@ class BatchNorm(nn.Module):
         if self.stats_rule == 'torch':
             tracked = self.variable('batch_stats', 'num_batches_tracked', jnp.zeros, (), jnp.int32)
         x32 = x.astype(jnp.float32)
-        scale = bias = None
+        # Without a parameter, a constant 1 or 0 that XLA folds away.
+        scale = jnp.ones((channels,), jnp.float32)
+        bias = jnp.zeros((channels,), jnp.float32)
         if self.use_scale:
             scale = param(self, 'scale', self.scale_init, NORM_AXES, (channels,),
                           self.param_dtype).astype(jnp.float32)
@@ -165,9 +167,7 @@ class BatchNorm(nn.Module):
                     f'BatchNorm in train mode needs more than one value per channel, got input '
                     f'of shape {tuple(x.shape)}; the global-context branch sees one value per '
                     f'image, so train with a batch size of at least 2')
-            y, mean, var = normalize_batch(
-                x32, jnp.ones((channels,), jnp.float32) if scale is None else scale,
-                jnp.zeros((channels,), jnp.float32) if bias is None else bias, self.epsilon)
+            y, mean, var = normalize_batch(x32, scale, bias, self.epsilon)
             if self.update_stats and not self.is_initializing():
                 update_var = var * (count / (count - 1)) if self.stats_rule == 'torch' else var
                 m = self.momentum
@@ -175,22 +175,21 @@ class BatchNorm(nn.Module):
                 running_var.value = m * running_var.value + (1.0 - m) * update_var
                 if self.stats_rule == 'torch':
                     tracked.value = tracked.value + 1
-            return y.astype(self.dtype)
-        y = (x32 - running_mean.value) * jax.lax.rsqrt(running_var.value + self.epsilon)
-        if scale is not None:
-            y = y * scale
-        if bias is not None:
-            y = y + bias
+        else:
+            y = _normalize(x32, running_mean.value, running_var.value, scale, bias, self.epsilon)
         return y.astype(self.dtype)
+
+
+def _normalize(x, mean, var, scale, bias, epsilon):
+    return (x - mean) * jax.lax.rsqrt(var + epsilon) * scale + bias
 
 
 def _normalize_batch_fwd(x, scale, bias, epsilon):
     axes = tuple(range(x.ndim - 1))
     mean = jnp.mean(x, axes)
-    centred = x - mean
-    var = jnp.mean(jnp.square(centred), axes)
-    inv = jax.lax.rsqrt(var + epsilon)
-    return (centred * inv * scale + bias, mean, var), (x, mean, inv, scale)
+    var = jnp.mean(jnp.square(x - mean), axes)
+    y = _normalize(x, mean, var, scale, bias, epsilon)
+    return (y, mean, var), (x, mean, jax.lax.rsqrt(var + epsilon), scale)
 
 
 def _normalize_batch_bwd(epsilon, residuals, cotangents):
