@@ -152,14 +152,11 @@ class BatchNorm(nn.Module):
             tracked = self.variable('batch_stats', 'num_batches_tracked', jnp.zeros, (), jnp.int32)
         x32 = x.astype(jnp.float32)
         # Without a parameter, a constant 1 or 0 that XLA folds away.
-        scale = jnp.ones((channels,), jnp.float32)
-        bias = jnp.zeros((channels,), jnp.float32)
-        if self.use_scale:
-            scale = param(self, 'scale', self.scale_init, NORM_AXES, (channels,),
-                          self.param_dtype).astype(jnp.float32)
-        if self.use_bias:
-            bias = param(self, 'bias', nn.initializers.zeros, NORM_AXES, (channels,),
-                         self.param_dtype).astype(jnp.float32)
+        scale = (param(self, 'scale', self.scale_init, NORM_AXES, (channels,), self.param_dtype)
+                 .astype(jnp.float32) if self.use_scale else jnp.ones((channels,), jnp.float32))
+        bias = (param(self, 'bias', nn.initializers.zeros, NORM_AXES, (channels,),
+                      self.param_dtype).astype(jnp.float32)
+                if self.use_bias else jnp.zeros((channels,), jnp.float32))
         if train:
             count = x.size // channels
             if count < 2:
