@@ -50,6 +50,14 @@ def user_cache(tmp_path_factory):
 DETERMINISTIC = '--xla_gpu_deterministic_ops=true'
 
 
+@pytest.fixture
+def on_cpu():
+    """Runs the test on XLA:CPU whatever the default backend, for tests that read the program
+    XLA:CPU compiles (on a GPU machine they would read XLA:GPU's)."""
+    with jax.default_device(jax.devices('cpu')[0]):
+        yield
+
+
 @pytest.fixture(scope='session')
 def train_env(tmp_path_factory) -> dict[str, str]:
     """Environment for training subprocesses: the default device (one CPU here), XLA's

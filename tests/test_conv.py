@@ -195,7 +195,7 @@ def test_xla_implementation_traces_xla_convolutions_only():
             pass
 
 
-def test_cpu_compiler_options_take_convolutions_off_ynnpack(monkeypatch):
+def test_cpu_compiler_options_take_convolutions_off_ynnpack(monkeypatch, on_cpu):
     """The options reach XLA:CPU (no YNNPACK fusion left around the convolutions, the dot
     still in one) and change nothing beyond float32 rounding."""
     rng = np.random.default_rng(0)

@@ -275,7 +275,7 @@ class _BlendChain(nn.Module):
         return outputs
 
 
-def test_chained_blends_are_computed_once():
+def test_chained_blends_are_computed_once(on_cpu):
     """XLA duplicates an elementwise op with one non-constant operand into every consumer; a
     blend ending in ``scale * (...)`` dragged the whole chain before it into each transposing
     copy, so the multiplies grew with the square of the depth (16, 56, 120 for depths 2, 4, 6).
