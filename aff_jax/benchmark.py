@@ -62,7 +62,7 @@ def _jax_model(model_name: str, fusion: str | None, small_input: bool, dtype: An
 
 def benchmark(model_name: str, fusion: str | None = None, batch: int = 32, size: int = 32,
               iters: int = 3, rounds: int = 5, small_input: bool = True,
-              dtype: str = 'float32', conv: str = 'gemm') -> dict[str, Any]:
+              dtype: str = 'float32', conv: str = 'xla') -> dict[str, Any]:
     """Runs the comparison; returns compile seconds, median images/s and ratios as a dict.
     ``conv``: the ``aff_jax.conv`` implementation the JAX side traces (``'xla'``: as before
     the GEMM weight gradients)."""
@@ -188,7 +188,7 @@ def main() -> None:
     parser.add_argument('--rounds', type=int, default=5)
     parser.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'),
                         help='JAX compute dtype (PyTorch: float32 on CPU, autocast to it on GPU)')
-    parser.add_argument('--conv', default='gemm', choices=conv_lib.IMPLEMENTATIONS,
+    parser.add_argument('--conv', default='xla', choices=conv_lib.IMPLEMENTATIONS,
                         help="aff_jax.conv implementation ('xla': XLA's own convolutions)")
     parser.add_argument('--retain-freed-memory', default='auto', choices=host_memory.SETTINGS,
                         help="glibc malloc keeps freed memory for the next step (both sides; "

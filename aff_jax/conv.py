@@ -1,25 +1,28 @@
-"""2-D convolution (NHWC input, HWIO kernel) whose weight gradient is computed as GEMMs on CPU.
+"""2-D convolution (NHWC input, HWIO kernel) with two implementations of its gradient on CPU.
 
-With XLA:CPU's default (YNNPACK) convolutions, the 2-core AMD development machine ran the
-forward and input-gradient convolutions at 70-100 GFLOP/s but the weight-gradient convolution
-of wide, high-resolution layers at 4-7 GFLOP/s (64 channels at 32x32, batch 32). Written as one
-``x_tap^T @ g`` product per kernel tap (nine for a 3x3 kernel) it runs at matmul speed instead.
-The custom VJP picks that path only when lowering for CPU (``jax.lax.platform_dependent``): GPU
-and TPU keep XLA's native convolution gradients, which are fast there. With the convolutions in
-Eigen (``compiler_options``), a 2-core AVX-512 Intel machine ran XLA's weight gradient 2.3-7x
-faster than these GEMMs, so ``implementation('xla')`` trains 3x3-heavy models faster there
-(BENCHMARKS.md); the AMD machine has not been measured that way yet.
+``'xla'`` (the default) is XLA's own convolution and gradients. On a CPU the weight gradient
+reads a channels-first copy of the input, and the input is stored once for it
+(:mod:`aff_jax.stored_once`): XLA would otherwise recompute the BatchNorm and ReLU that
+produced it inside that copy, in a scalar loop. With the convolutions in Eigen
+(``compiler_options``) a 2-core AVX-512 Intel machine then trained ``cifar_aff_resnet32``
+1.7x and ``tv_resnet50`` 1.4x faster than with ``'gemm'`` (BENCHMARKS.md).
+
+``'gemm'`` computes the weight gradient on CPU as one ``x_tap^T @ g`` product per kernel tap
+(nine for a 3x3 kernel) and a 1x1 convolution without groups as a ``dot`` over channels (of
+the strided subsample for stride > 1), which XLA differentiates into GEMMs by itself. It was
+adopted on the 2-core AMD development machine, where XLA's (then YNNPACK's) weight-gradient
+convolution of wide, high-resolution layers ran at 4-7 GFLOP/s (64 channels at 32x32, batch
+32); that machine has not been measured with Eigen's. The custom VJP takes the GEMM path only
+when lowering for CPU (``jax.lax.platform_dependent``): GPU and TPU keep XLA's native
+convolution gradients, and there both implementations trace the same program, bar the dots.
 
 A map with fewer pixels than the kernel has taps (the 2x2 last stage of an ImageNet ResNet at
 64x64 input) is convolved as one product of its stacked taps, in both implementations: XLA
 would swap the operands of that convolution, a ~25x slower kernel on CPU.
 
-A 1x1 convolution without groups is a ``dot`` over channels (of the strided subsample for
-stride > 1), which XLA differentiates into GEMMs by itself.
-
-Both change the float32 rounding of the gradients (not their values beyond 1e-5), and so the
-trajectory of a long run. ``implementation('xla')`` traces XLA's own convolutions everywhere,
-as aff-jax did before; training configs choose with ``config.conv_implementation``.
+The two implementations differ in float32 rounding of the gradients (not their values beyond
+1e-5), and so in the trajectory of a long run; training configs choose with
+``config.conv_implementation``.
 
 ``compiler_options(platform)`` is what programs running these convolutions compile with: on a
 CPU, XLA's convolutions run in Eigen rather than YNNPACK (which keeps the dots and
@@ -37,6 +40,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from aff_jax import stored_once
+
 _DIMENSIONS = ('NHWC', 'HWIO', 'NHWC')
 
 Padding = tuple[tuple[int, int], tuple[int, int]]
@@ -45,14 +50,14 @@ _YNN_FUSIONS = 'xla_cpu_experimental_ynn_fusion_type'
 # XLA:CPU's default YNNPACK fusions (jaxlib 0.10.2) less LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION.
 _YNN_WITHOUT_CONVOLUTIONS = 'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE'
 
-IMPLEMENTATIONS = ('gemm', 'xla')
-_IMPLEMENTATION = contextvars.ContextVar('aff_jax_conv_implementation', default='gemm')
+IMPLEMENTATIONS = ('xla', 'gemm')
+_IMPLEMENTATION = contextvars.ContextVar('aff_jax_conv_implementation', default='xla')
 
 
 @contextlib.contextmanager
 def implementation(name: str) -> Iterator[None]:
-    """Within the block, :func:`conv2d` traces ``'gemm'`` (the default: GEMM weight gradients
-    on CPU, 1x1 convs as dots) or ``'xla'`` (XLA's convolutions and their gradients)."""
+    """Within the block, :func:`conv2d` traces ``'xla'`` (the default: XLA's convolutions and
+    their gradients) or ``'gemm'`` (GEMM weight gradients on CPU, 1x1 convs as dots)."""
     if name not in IMPLEMENTATIONS:
         raise ValueError(f'conv implementation must be one of {IMPLEMENTATIONS}, got {name!r}')
     token = _IMPLEMENTATION.set(name)
@@ -95,10 +100,10 @@ def conv2d(x: jax.Array, kernel: jax.Array, stride: tuple[int, int] = (1, 1),
         raise ValueError(f'conv2d input has {x.shape[-1]} channels, the kernel of shape '
                          f'{tuple(kernel.shape)} with groups={groups} expects {kernel.shape[2] * groups}')
     if _IMPLEMENTATION.get() == 'xla':
-        return _native(x, kernel, stride, padding, dilation, groups)
+        return _native(stored_once.value(x), kernel, stride, padding, dilation, groups)
     if kernel.shape[:2] == (1, 1) and groups == 1 and padding == ((0, 0), (0, 0)):
         return _pointwise(x, kernel, stride)
-    return _conv(x, kernel, stride, padding, dilation, groups)
+    return _conv(stored_once.value(x), kernel, stride, padding, dilation, groups)
 
 
 def _pointwise(x: jax.Array, kernel: jax.Array, stride: tuple[int, int]) -> jax.Array:

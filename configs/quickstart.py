@@ -33,9 +33,6 @@ def get_config():
     c.warmup_steps = 100
     c.weight_decay = 1e-4
     c.label_smoothing = 0.1
-    # At these widths (8-32 channels) XLA's own convolutions beat the GEMM weight gradients
-    # (83 vs 96 ms per step on 2 CPU cores).
-    c.conv_implementation = 'xla'
     # Full float32 on GPUs too: when this small task leaves its initial plateau depends on
     # rounding, and with TF32 convolutions (a GPU's default) seeds 0 and 2 ended at 20.7% and
     # 44.6% (seed 1: 93.2%; 20 warmup steps). No effect on CPUs.

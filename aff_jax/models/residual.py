@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax
 
 from aff_jax import fusion as fusion_lib
+from aff_jax import stored_once
 from aff_jax.layers import BatchNorm, avg_pool_ceil, conv2d
 
 # ``conv(features, kernel_size, stride=..., padding=..., name=...)`` and
@@ -130,6 +131,9 @@ class Stage(nn.Module):
             first = i == 0
             x = self.block(stride=self.stride if first else 1,
                            downsample=self.downsample and first, name=str(i))(x, train)
+            # The gradient along the residual stream, stored once per block (on CPUs): else
+            # XLA recomputes the chain of its sums inside every consumer (aff_jax.stored_once).
+            x = stored_once.cotangent(x)
         return x
 
 
