@@ -5,7 +5,7 @@ reads a channels-first copy of the input, and the input is stored once for it
 (:mod:`aff_jax.stored_once`): XLA would otherwise recompute the BatchNorm and ReLU that
 produced it inside that copy, in a scalar loop. With the convolutions in Eigen
 (``compiler_options``) a 2-core AVX-512 Intel machine then trained ``cifar_aff_resnet32``
-1.7x and ``tv_resnet50`` 1.4x faster than with ``'gemm'`` (BENCHMARKS.md).
+1.8x and ``tv_resnet50`` 1.4x faster than with ``'gemm'`` (BENCHMARKS.md).
 
 ``'gemm'`` computes the weight gradient on CPU as one ``x_tap^T @ g`` product per kernel tap
 (nine for a 3x3 kernel) and a 1x1 convolution without groups as a ``dot`` over channels (of
@@ -99,9 +99,13 @@ def conv2d(x: jax.Array, kernel: jax.Array, stride: tuple[int, int] = (1, 1),
     if x.shape[-1] != kernel.shape[2] * groups:
         raise ValueError(f'conv2d input has {x.shape[-1]} channels, the kernel of shape '
                          f'{tuple(kernel.shape)} with groups={groups} expects {kernel.shape[2] * groups}')
+    pointwise = kernel.shape[:2] == (1, 1) and groups == 1 and padding == ((0, 0), (0, 0))
     if _IMPLEMENTATION.get() == 'xla':
-        return _native(stored_once.value(x), kernel, stride, padding, dilation, groups)
-    if kernel.shape[:2] == (1, 1) and groups == 1 and padding == ((0, 0), (0, 0)):
+        x = stored_once.value(x)
+        if pointwise:
+            return _pointwise_trained_as_convolution(x, kernel, stride)
+        return _native(x, kernel, stride, padding, dilation, groups)
+    if pointwise:
         return _pointwise(x, kernel, stride)
     return _conv(stored_once.value(x), kernel, stride, padding, dilation, groups)
 
@@ -109,6 +113,32 @@ def conv2d(x: jax.Array, kernel: jax.Array, stride: tuple[int, int] = (1, 1),
 def _pointwise(x: jax.Array, kernel: jax.Array, stride: tuple[int, int]) -> jax.Array:
     x = x[:, ::stride[0], ::stride[1], :]
     return lax.dot_general(x, kernel[0, 0], (((3,), (0,)), ((), ())))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _pointwise_trained_as_convolution(x, kernel, stride):
+    """A 1x1 convolution evaluated as a dot, differentiated as XLA's convolution.
+
+    On the 2-core Intel machine XLA:CPU ran the dots faster in inference (``aff_resnet50``'s
+    forward pass 1.17x against 0.94x PyTorch with convolutions) but their gradients slower in
+    training (``tv_resnet50`` step 1.46 s against 1.35 s; BENCHMARKS.md).
+    """
+    return _pointwise(x, kernel, stride)
+
+
+def _pointwise_convolution(x, kernel, stride):
+    return _native(x, kernel, stride, ((0, 0), (0, 0)), (1, 1), 1)
+
+
+def _pointwise_trained_fwd(x, kernel, stride):
+    return _pointwise_convolution(x, kernel, stride), (x, kernel)
+
+
+def _pointwise_trained_bwd(stride, residuals, g):
+    return jax.vjp(lambda x, k: _pointwise_convolution(x, k, stride), *residuals)[1](g)
+
+
+_pointwise_trained_as_convolution.defvjp(_pointwise_trained_fwd, _pointwise_trained_bwd)
 
 
 def _native(x, kernel, stride, padding, dilation, groups):

@@ -52,14 +52,16 @@ def _check_against_xla(x, w, stride, padding, dilation, groups):
     return ours
 
 
+@pytest.mark.parametrize('implementation', conv_lib.IMPLEMENTATIONS)
 @pytest.mark.parametrize('case', list(CASES))
-def test_value_and_gradients_equal_xla(case):
+def test_value_and_gradients_equal_xla(case, implementation):
     kernel, stride, padding, dilation, groups, cin, cout = CASES[case]
     kernel, stride, dilation = _pair(kernel), _pair(stride), _pair(dilation)
     kx, kw = jax.random.split(jax.random.key(0))
-    _check_against_xla(jax.random.normal(kx, (3, 11, 10, cin)),
-                       jax.random.normal(kw, (*kernel, cin // groups, cout)),
-                       stride, padding, dilation, groups)
+    with conv_lib.implementation(implementation):
+        _check_against_xla(jax.random.normal(kx, (3, 11, 10, cin)),
+                           jax.random.normal(kw, (*kernel, cin // groups, cout)),
+                           stride, padding, dilation, groups)
 
 
 SMALL_MAPS = {  # input (H, W), kernel, stride, padding, dilation, groups, C_in, C_out
@@ -190,6 +192,11 @@ def test_xla_implementation_traces_xla_convolutions_only():
     assert 'dot_general' in gemm
     assert 'dot_general' not in xla
     assert xla.count('conv_general_dilated') >= 4  # two forward, their input and weight grads
+    # Evaluated without a gradient, the 1x1 convolution is a dot in both implementations.
+    for name in conv_lib.IMPLEMENTATIONS:
+        with conv_lib.implementation(name):
+            forward = jax.jit(lambda x, w1: conv_lib.conv2d(x, w1)).lower(x, w1).as_text()
+        assert 'dot_general' in forward and 'convolution' not in forward
     with pytest.raises(ValueError, match="'xla', 'gemm'"):
         with conv_lib.implementation('oneDNN'):
             pass
