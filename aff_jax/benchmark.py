@@ -64,8 +64,8 @@ def benchmark(model_name: str, fusion: str | None = None, batch: int = 32, size:
               iters: int = 3, rounds: int = 5, small_input: bool = True,
               dtype: str = 'float32', conv: str = 'xla') -> dict[str, Any]:
     """Runs the comparison; returns compile seconds, median images/s and ratios as a dict.
-    ``conv``: the ``aff_jax.conv`` implementation the JAX side traces (``'xla'``: as before
-    the GEMM weight gradients)."""
+    ``conv``: the ``aff_jax.conv`` implementation the JAX side traces (``'gemm'``: GEMM weight
+    gradients on CPU, 1x1 convolutions as dots)."""
     import torch
 
     on_gpu = jax.default_backend() == 'gpu'
@@ -189,7 +189,7 @@ def main() -> None:
     parser.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'),
                         help='JAX compute dtype (PyTorch: float32 on CPU, autocast to it on GPU)')
     parser.add_argument('--conv', default='xla', choices=conv_lib.IMPLEMENTATIONS,
-                        help="aff_jax.conv implementation ('xla': XLA's own convolutions)")
+                        help="aff_jax.conv implementation ('gemm': GEMM weight gradients on CPU)")
     parser.add_argument('--retain-freed-memory', default='auto', choices=host_memory.SETTINGS,
                         help="glibc malloc keeps freed memory for the next step (both sides; "
                              "aff_jax.host_memory): 'auto' on CPU-only installs")

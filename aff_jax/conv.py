@@ -5,11 +5,13 @@ reads a channels-first copy of the input, and the input is stored once for it
 (:mod:`aff_jax.stored_once`): XLA would otherwise recompute the BatchNorm and ReLU that
 produced it inside that copy, in a scalar loop. With the convolutions in Eigen
 (``compiler_options``) a 2-core AVX-512 Intel machine then trained ``cifar_aff_resnet32``
-1.8x and ``tv_resnet50`` 1.4x faster than with ``'gemm'`` (BENCHMARKS.md).
+1.8x and ``tv_resnet50`` 1.4x faster than with ``'gemm'`` (BENCHMARKS.md). A 1x1 convolution
+without groups is evaluated as a dot and differentiated as a convolution, whichever ran faster.
 
 ``'gemm'`` computes the weight gradient on CPU as one ``x_tap^T @ g`` product per kernel tap
-(nine for a 3x3 kernel) and a 1x1 convolution without groups as a ``dot`` over channels (of
-the strided subsample for stride > 1), which XLA differentiates into GEMMs by itself. It was
+(nine for a 3x3 kernel, on a channels-first copy of the input, which is stored once for it
+too) and a 1x1 convolution without groups as a ``dot`` over channels (of the strided
+subsample for stride > 1), which XLA differentiates into GEMMs by itself. It was
 adopted on the 2-core AMD development machine, where XLA's (then YNNPACK's) weight-gradient
 convolution of wide, high-resolution layers ran at 4-7 GFLOP/s (64 channels at 32x32, batch
 32); that machine has not been measured with Eigen's. The custom VJP takes the GEMM path only
@@ -120,8 +122,8 @@ def _pointwise_trained_as_convolution(x, kernel, stride):
     """A 1x1 convolution evaluated as a dot, differentiated as XLA's convolution.
 
     On the 2-core Intel machine XLA:CPU ran the dots faster in inference (``aff_resnet50``'s
-    forward pass 1.17x against 0.94x PyTorch with convolutions) but their gradients slower in
-    training (``tv_resnet50`` step 1.46 s against 1.35 s; BENCHMARKS.md).
+    forward pass 1.14x against 0.92-0.94x PyTorch with convolutions) but their gradients slower
+    in training (``tv_resnet50`` step 1.46 s against 1.37 s; BENCHMARKS.md).
     """
     return _pointwise(x, kernel, stride)
 

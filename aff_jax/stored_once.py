@@ -14,8 +14,9 @@ train step that costs twice over:
   consumer recomputed from the top (fusions of up to 59 operands).
 
 XLA never duplicates a float division, and ``x / 1`` equals ``x`` for every float32 (NaN, inf,
--0 and subnormals included; other dtypes are left alone). The 1 is computed from ``x`` (``(x != x) * 0 + 1``, also 1 where
-``x`` is NaN), so that XLA cannot fold the division away or turn it into a multiplication.
+-0 and subnormals included; other dtypes are left alone). The 1 is computed from ``x``
+(``(x != x) * 0 + 1``, also 1 where ``x`` is NaN), so that XLA cannot fold the division away
+or turn it into a multiplication.
 Both identities change no value and no gradient; they apply only where a program is lowered
 for a CPU (``jax.lax.platform_dependent``) and only under differentiation, where the backward
 pass exists: inference and other platforms trace the plain identity.
