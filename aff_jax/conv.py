@@ -6,7 +6,8 @@ reads a channels-first copy of the input, and the input is stored once for it
 produced it inside that copy, in a scalar loop. With the convolutions in Eigen
 (``compiler_options``) a 2-core AVX-512 Intel machine then trained ``cifar_aff_resnet32``
 1.8x and ``tv_resnet50`` 1.4x faster than with ``'gemm'`` (BENCHMARKS.md). A 1x1 convolution
-without groups is evaluated as a dot and differentiated as a convolution, whichever ran faster.
+without groups is evaluated as a dot and, on CPUs, differentiated as a convolution: whichever
+ran faster there.
 
 ``'gemm'`` computes the weight gradient on CPU as one ``x_tap^T @ g`` product per kernel tap
 (nine for a 3x3 kernel, on a channels-first copy of the input, which is stored once for it
@@ -16,7 +17,7 @@ adopted on the 2-core AMD development machine, where XLA's (then YNNPACK's) weig
 convolution of wide, high-resolution layers ran at 4-7 GFLOP/s (64 channels at 32x32, batch
 32); that machine has not been measured with Eigen's. The custom VJP takes the GEMM path only
 when lowering for CPU (``jax.lax.platform_dependent``): GPU and TPU keep XLA's native
-convolution gradients, and there both implementations trace the same program, bar the dots.
+convolution gradients, and there both implementations lower to the same operations.
 
 A map with fewer pixels than the kernel has taps (the 2x2 last stage of an ImageNet ResNet at
 64x64 input) is convolved as one product of its stacked taps, in both implementations: XLA
@@ -119,11 +120,12 @@ def _pointwise(x: jax.Array, kernel: jax.Array, stride: tuple[int, int]) -> jax.
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _pointwise_trained_as_convolution(x, kernel, stride):
-    """A 1x1 convolution evaluated as a dot, differentiated as XLA's convolution.
+    """A 1x1 convolution evaluated as a dot and, on CPUs, differentiated as XLA's convolution.
 
     On the 2-core Intel machine XLA:CPU ran the dots faster in inference (``aff_resnet50``'s
     forward pass 1.14x against 0.92-0.94x PyTorch with convolutions) but their gradients slower
-    in training (``tv_resnet50`` step 1.46 s against 1.37 s; BENCHMARKS.md).
+    in training (``tv_resnet50`` step 1.46 s against 1.37 s; BENCHMARKS.md). Other platforms
+    differentiate the dot, the program ``'gemm'`` gives them too (measured on an H100).
     """
     return _pointwise(x, kernel, stride)
 
@@ -133,11 +135,18 @@ def _pointwise_convolution(x, kernel, stride):
 
 
 def _pointwise_trained_fwd(x, kernel, stride):
-    return _pointwise_convolution(x, kernel, stride), (x, kernel)
+    out = lax.platform_dependent(x, kernel,
+                                 cpu=functools.partial(_pointwise_convolution, stride=stride),
+                                 default=functools.partial(_pointwise, stride=stride))
+    return out, (x, kernel)
 
 
 def _pointwise_trained_bwd(stride, residuals, g):
-    return jax.vjp(lambda x, k: _pointwise_convolution(x, k, stride), *residuals)[1](g)
+    def gradients(f):
+        return lambda x, k, g: jax.vjp(functools.partial(f, stride=stride), x, k)[1](g)
+
+    return lax.platform_dependent(*residuals, g, cpu=gradients(_pointwise_convolution),
+                                  default=gradients(_pointwise))
 
 
 _pointwise_trained_as_convolution.defvjp(_pointwise_trained_fwd, _pointwise_trained_bwd)
