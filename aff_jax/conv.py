@@ -5,7 +5,7 @@ reads a channels-first copy of the input, and the input is stored once for it
 (:mod:`aff_jax.stored_once`): XLA would otherwise recompute the BatchNorm and ReLU that
 produced it inside that copy, in a scalar loop. With the convolutions in Eigen
 (``compiler_options``) a 2-core AVX-512 Intel machine then trained ``cifar_aff_resnet32``
-1.8x and ``tv_resnet50`` 1.4x faster than with ``'gemm'`` (BENCHMARKS.md). A 1x1 convolution
+1.7-1.8x and ``tv_resnet50`` 1.4x faster than with ``'gemm'`` (BENCHMARKS.md). A 1x1 convolution
 without groups is evaluated as a dot and, on CPUs, differentiated as a convolution: whichever
 ran faster there.
 

@@ -35,7 +35,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.dtype = 'float32'  # compute dtype ('bfloat16' on TPU/GPU); parameters stay float32
     # 'xla': XLA's own convolutions, on CPUs with the weight gradient's input stored once;
     # 'gemm': GEMM weight gradients on CPU and 1x1 convs as dots (aff_jax.conv). On a 2-core
-    # AVX-512 Intel machine 'xla' trained cifar_aff_resnet32 1.8x and tv_resnet50 1.4x faster
+    # AVX-512 Intel machine 'xla' trained cifar_aff_resnet32 1.7-1.8x, tv_resnet50 1.4x faster
     # (aff_resnet50 at 64x64: 0.96x; BENCHMARKS.md). Same values to 1e-5, other rounding.
     c.conv_implementation = 'xla'
     # Precision of float32 convolutions and matmuls (jax.default_matmul_precision): None is the
