@@ -159,9 +159,9 @@ def _native(x, kernel, stride, padding, dilation, groups):
                                     dimension_numbers=_DIMENSIONS, feature_group_count=groups)
 
 
-def _tap(index: int, dilation: int, out_size: int, stride: int) -> slice:
-    """Along one spatial axis of the padded input, the positions kernel tap ``index`` reads
-    for the ``out_size`` outputs."""
+def tap(index: int, dilation: int, out_size: int, stride: int) -> slice:
+    """Along one spatial axis of the padded input, the positions kernel (or pooling window)
+    tap ``index`` reads for the ``out_size`` outputs."""
     start = index * dilation
     return slice(start, start + (out_size - 1) * stride + 1, stride)
 
@@ -179,8 +179,8 @@ def _small_map(x, kernel, stride, padding, dilation, groups):
     h_out = (h + sum(padding[0]) - dilation[0] * (kh - 1) - 1) // stride[0] + 1
     w_out = (w + sum(padding[1]) - dilation[1] * (kw - 1) - 1) // stride[1] + 1
     xp = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
-    taps = jnp.stack([xp[:, _tap(i, dilation[0], h_out, stride[0]),
-                         _tap(j, dilation[1], w_out, stride[1]), :]
+    taps = jnp.stack([xp[:, tap(i, dilation[0], h_out, stride[0]),
+                         tap(j, dilation[1], w_out, stride[1]), :]
                       for i in range(kh) for j in range(kw)], axis=3)
     taps = taps.reshape(n, h_out, w_out, kh * kw, groups, cin_g)
     weights = kernel.reshape(kh * kw, cin_g, groups, cout // groups)
@@ -237,11 +237,11 @@ def weight_gradient(x: jax.Array, g: jax.Array, kernel_shape: tuple[int, ...],
     taps = []
     for i in range(kh):
         for j in range(kw):
-            window = xt[:, :, :, _tap(i, dilation[0], h_out, stride[0]),
-                        _tap(j, dilation[1], w_out, stride[1])]
+            window = xt[:, :, :, tap(i, dilation[0], h_out, stride[0]),
+                        tap(j, dilation[1], w_out, stride[1])]
             window = window.reshape(groups, cin_g, n * h_out * w_out)
             # (groups, C_in/groups, C_out/groups), accumulated in float32 for bf16 inputs.
-            tap = jnp.einsum('gcm,mgd->gcd', window, g_groups,
-                             preferred_element_type=jnp.float32)
-            taps.append(jnp.transpose(tap, (1, 0, 2)).reshape(cin_g, cout))
+            product = jnp.einsum('gcm,mgd->gcd', window, g_groups,
+                                 preferred_element_type=jnp.float32)
+            taps.append(jnp.transpose(product, (1, 0, 2)).reshape(cin_g, cout))
     return jnp.stack(taps).reshape(kernel_shape)

@@ -241,7 +241,7 @@ def _pool_taps(x):
     """The -inf-padded input and its nine window taps, each (N, ceil(H/2), ceil(W/2), C)."""
     h_out, w_out = (x.shape[1] + 1) // 2, (x.shape[2] + 1) // 2
     xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
-    return xp, [xp[:, i:i + 2 * h_out - 1:2, j:j + 2 * w_out - 1:2, :]
+    return xp, [xp[:, conv_lib.tap(i, 1, h_out, 2), conv_lib.tap(j, 1, w_out, 2), :]
                 for i in range(3) for j in range(3)]
 
 

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from aff_jax import layers
 from aff_jax.layers import max_pool_3x3_s2
 
 
@@ -46,7 +47,6 @@ def test_random_values_and_the_other_platforms_path_agree(on_cpu):
     np.testing.assert_array_equal(y, y_ref)
     np.testing.assert_allclose(dx, dx_ref, rtol=1e-6, atol=1e-6)
     # What GPUs and TPUs run (XLA's reduce_window and its gradient), on this CPU.
-    from aff_jax import layers
     y_xla, vjp = jax.vjp(layers._max_pool_xla, jnp.asarray(x))
     np.testing.assert_array_equal(y_xla, y)
     np.testing.assert_allclose(vjp(jnp.asarray(g))[0], dx, rtol=1e-6, atol=1e-6)
