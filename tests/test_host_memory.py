@@ -1,4 +1,5 @@
-"""aff_jax.host_memory: freed temporaries stay mapped, so steps stop page-faulting them in."""
+"""aff_jax.host_memory: freed temporaries stay mapped, so steps stop page-faulting them in;
+threads keep their arenas."""
 from __future__ import annotations
 
 import json
@@ -14,50 +15,80 @@ from aff_jax.training.errors import ConfigError
 from aff_jax.training.loop import check_config
 
 PAGE = 4096
-BLOCK = 64 << 20  # bytes: above glibc's largest mmap threshold (32 MiB), as XLA's temporaries are
 
-# What an XLA:CPU step does with its temporaries: a worker thread (not the main one) allocates
-# a large block, writes it, frees it; again on the next step. The median page faults of 10
-# rounds after 2, counted around each round.
-_PROBE = f"""
-import ctypes, json, resource, statistics, sys, threading
+# An XLA:CPU program with a 162 MiB temporary (above glibc's largest mmap threshold, 32 MiB, as
+# a train step's are), called 8 times; the median page faults of the last 6 calls, counted
+# around each. argv: the setting, then 'async' to give the CPU client its own threads back.
+_PROBE = """
+import json, resource, statistics, sys
 from aff_jax import host_memory
 retained = host_memory.retain_freed_memory(sys.argv[1])
+import jax, jax.numpy as jnp
+if sys.argv[2:] == ['async']:
+    jax.config.update('jax_cpu_enable_async_dispatch', True)
+x = jnp.ones((4608, 4608), jnp.float32)
+step = jax.jit(lambda x: (jnp.flip(x, 0) * 2 + x.T).sum(axis=0) @ jnp.ones(4608)).lower(x).compile()
+faults = []
+for _ in range(8):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    step(x).block_until_ready()
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(json.dumps({'retained': retained, 'faults_per_step': statistics.median(faults[2:]),
+                  'temp_pages': step.memory_analysis().temp_size_in_bytes // 4096}))
+"""
+
+# Two threads each allocate what a oneDNN GEMM workspace takes (72 KiB) and report whether it
+# came from the main arena, the heap below the program break.
+_ARENAS_PROBE = """
+import ctypes, json, sys, threading
+from aff_jax import host_memory
+host_memory.retain_freed_memory(sys.argv[1])
 libc = ctypes.CDLL(None)
 libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, (ctypes.c_size_t,)
-libc.free.argtypes = (ctypes.c_void_p,)
-faults = []
+libc.sbrk.restype, libc.sbrk.argtypes = ctypes.c_void_p, (ctypes.c_ssize_t,)
+in_main_arena = []
 
-def step():
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    block = libc.malloc({BLOCK})
-    ctypes.memset(block, 1, {BLOCK})
-    libc.free(block)
-    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+def allocate():
+    block = libc.malloc(72 << 10)
+    in_main_arena.append(block < libc.sbrk(0))
 
-worker = threading.Thread(target=lambda: [step() for _ in range(12)])
-worker.start()
-worker.join()
-print(json.dumps({{'retained': retained, 'faults_per_step': statistics.median(faults[2:])}}))
+threads = [threading.Thread(target=allocate) for _ in range(2)]
+[thread.start() for thread in threads]
+[thread.join() for thread in threads]
+print(json.dumps(in_main_arena))
 """
 
 
-def _probe(setting: str) -> dict:
+def _run(probe: str, *args: str):
     env = {key: value for key, value in os.environ.items()
            if key not in host_memory.USER_TUNING}
-    out = subprocess.run([sys.executable, '-c', _PROBE, setting], capture_output=True,
+    out = subprocess.run([sys.executable, '-c', probe, *args], capture_output=True,
                          text=True, check=True, env={**env, 'JAX_PLATFORMS': 'cpu'})
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def test_retained_memory_stops_the_page_faults_of_each_step():
-    pages = BLOCK // PAGE
-    off, on = _probe('off'), _probe('auto')
+    off, on = _run(_PROBE, 'off'), _run(_PROBE, 'auto')
+    pages = on['temp_pages']
+    assert pages >= (160 << 20) // PAGE
     assert (off['retained'], on['retained']) == (False, True)
-    # glibc maps a 64 MiB block afresh for every step and faults each of its pages in ...
+    # glibc maps the temporaries afresh for every call and faults each of their pages in ...
     assert off['faults_per_step'] >= 0.9 * pages
-    # ... unless freed memory stays mapped: then the next step reuses it.
+    # ... unless freed memory stays mapped: then the next call reuses it.
     assert on['faults_per_step'] <= 0.02 * pages
+
+
+def test_the_calling_thread_allocates_the_temporaries():
+    # With the malloc settings alone, the client's own thread allocates the block from its
+    # arena, which glibc maps anew for a block that large.
+    mallopt_only = _run(_PROBE, 'on', 'async')
+    assert mallopt_only['retained']
+    assert mallopt_only['faults_per_step'] >= 0.9 * mallopt_only['temp_pages']
+
+
+def test_threads_keep_their_own_arenas():
+    # One arena for all threads made XLA's Eigen threads queue for each GEMM workspace.
+    assert _run(_ARENAS_PROBE, 'on') == [False, False]
 
 
 def test_auto_follows_the_platforms_and_leaves_user_tuning_alone(monkeypatch):

@@ -99,9 +99,10 @@ def base_config() -> ml_collections.ConfigDict:
     # Persistent XLA compilation cache: 'auto' ($XDG_CACHE_HOME/aff_jax/xla, or the directory
     # JAX_COMPILATION_CACHE_DIR names), a path, or 'off' ('') to compile afresh every run.
     c.compilation_cache = 'auto'
-    # glibc's malloc keeps freed memory mapped (aff_jax.host_memory): XLA:CPU re-allocates a
-    # step's temporaries every step, and unmapped they fault back in page by page. 'auto': on
-    # when JAX can only use the CPU; 'on' / 'off' force it. Process-wide, set before JAX starts.
+    # glibc's malloc keeps freed memory mapped and the CPU client runs steps on the calling
+    # thread (aff_jax.host_memory): XLA:CPU re-allocates a step's temporaries every step, and
+    # unmapped they fault back in page by page. 'auto': on when JAX can only use the CPU;
+    # 'on' / 'off' force it. Process-wide, set before JAX starts.
     c.retain_freed_memory = 'auto'
 
     c.checkpoint_every_steps = 1000
