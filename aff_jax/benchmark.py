@@ -191,8 +191,9 @@ def main() -> None:
     parser.add_argument('--conv', default='xla', choices=conv_lib.IMPLEMENTATIONS,
                         help="aff_jax.conv implementation ('gemm': GEMM weight gradients on CPU)")
     parser.add_argument('--retain-freed-memory', default='auto', choices=host_memory.SETTINGS,
-                        help="glibc malloc keeps freed memory for the next step (both sides; "
-                             "aff_jax.host_memory): 'auto' on CPU-only installs")
+                        help="glibc malloc keeps freed memory for the next step (both sides) "
+                             "and JAX's CPU steps run on the calling thread (aff_jax.host_memory): "
+                             "'auto' on CPU-only installs")
     args = parser.parse_args()
     retained = host_memory.retain_freed_memory(args.retain_freed_memory)
     result = benchmark(args.model, args.fusion, args.batch, args.size, args.iters, args.rounds,
