@@ -21,7 +21,10 @@ convolution gradients, and there both implementations lower to the same operatio
 
 A map with fewer pixels than the kernel has taps (the 2x2 last stage of an ImageNet ResNet at
 64x64 input) is convolved as one product of its stacked taps, in both implementations: XLA
-would swap the operands of that convolution, a ~25x slower kernel on CPU.
+would swap the operands of that convolution, a ~25x slower kernel on CPU. So is a grouped
+convolution in float64, whose gradient XLA:CPU computed ~300x slower than that product (a
+ResNeXt stage of 32 groups: 2.1 s against 7 ms), which made a float64 comparison of a ResNeXt
+take minutes.
 
 The two implementations differ in float32 rounding of the gradients (not their values beyond
 1e-5), and so in the trajectory of a long run; training configs choose with
@@ -92,8 +95,8 @@ def conv2d(x: jax.Array, kernel: jax.Array, stride: tuple[int, int] = (1, 1),
     ``H_out = (H + pad_lo + pad_hi - dilation * (kh - 1) - 1) // stride + 1``.
 
     Same values as XLA's convolution; only the weight gradient's algorithm differs on CPU, and,
-    on every platform, that of a map with fewer pixels than the kernel has taps (one product of
-    the stacked taps, see ``_small_map``).
+    on every platform, that of a map with fewer pixels than the kernel has taps and of a
+    grouped convolution in float64 (one product of the stacked taps, see ``_tap_product``).
     """
     stride, dilation = tuple(stride), tuple(dilation)
     padding = tuple(tuple(p) for p in padding)
@@ -153,8 +156,9 @@ _pointwise_trained_as_convolution.defvjp(_pointwise_trained_fwd, _pointwise_trai
 
 
 def _native(x, kernel, stride, padding, dilation, groups):
-    if x.shape[1] * x.shape[2] < kernel.shape[0] * kernel.shape[1]:
-        return _small_map(x, kernel, stride, padding, dilation, groups)
+    if (x.shape[1] * x.shape[2] < kernel.shape[0] * kernel.shape[1]
+            or (groups > 1 and x.dtype == jnp.float64)):
+        return _tap_product(x, kernel, stride, padding, dilation, groups)
     return lax.conv_general_dilated(x, kernel, stride, padding, rhs_dilation=dilation,
                                     dimension_numbers=_DIMENSIONS, feature_group_count=groups)
 
@@ -166,13 +170,14 @@ def tap(index: int, dilation: int, out_size: int, stride: int) -> slice:
     return slice(start, start + (out_size - 1) * stride + 1, stride)
 
 
-def _small_map(x, kernel, stride, padding, dilation, groups):
-    """The convolution of a map with fewer pixels than the kernel has taps, as one product of
-    the stacked taps with the kernel.
+def _tap_product(x, kernel, stride, padding, dilation, groups):
+    """The convolution as one product of the stacked taps of the padded input with the kernel
+    (per group), for the cases XLA:CPU runs slowly (see the module docstring).
 
-    XLA swaps such a convolution's operands (the map becomes the kernel: a 3x3 kernel on the
-    2x2 maps of an ImageNet ResNet's last stage at 64x64 input), folding any explicit padding
-    back in first, and XLA:CPU ran the swapped one ~25x slower than the product.
+    XLA swaps the operands of a convolution of a map with fewer pixels than the kernel has taps
+    (the map becomes the kernel: a 3x3 kernel on the 2x2 maps of an ImageNet ResNet's last
+    stage at 64x64 input), folding any explicit padding back in first, and XLA:CPU ran the
+    swapped one ~25x slower than the product.
     """
     kh, kw, cin_g, cout = kernel.shape
     n, h, w, _ = x.shape
@@ -221,7 +226,8 @@ def weight_gradient(x: jax.Array, g: jax.Array, kernel_shape: tuple[int, ...],
                     stride: tuple[int, int], padding: Padding, dilation: tuple[int, int],
                     groups: int) -> jax.Array:
     """d(loss)/d(kernel) from the input ``x`` (N, H, W, C_in) and the output gradient ``g``
-    (N, H_out, W_out, C_out), as one GEMM per kernel tap; returns ``kernel_shape`` (HWIO), float32.
+    (N, H_out, W_out, C_out), as one GEMM per kernel tap; returns ``kernel_shape`` (HWIO) in at
+    least float32.
 
     Tap (i, j) sees the input window starting at ``(i * dilation, j * dilation)`` of the padded
     input, sampled every ``stride``: ``dw[i, j] = sum_{n, h, w} x_tap[n, h, w, :]^T g[n, h, w, :]``,
@@ -234,6 +240,7 @@ def weight_gradient(x: jax.Array, g: jax.Array, kernel_shape: tuple[int, ...],
     xt = jnp.transpose(jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0))), (3, 0, 1, 2))
     xt = xt.reshape(groups, cin_g, *xt.shape[1:])
     g_groups = g.reshape(n * h_out * w_out, groups, cout // groups)
+    accumulate = jnp.promote_types(jnp.result_type(x, g), jnp.float32)
     taps = []
     for i in range(kh):
         for j in range(kw):
@@ -242,6 +249,6 @@ def weight_gradient(x: jax.Array, g: jax.Array, kernel_shape: tuple[int, ...],
             window = window.reshape(groups, cin_g, n * h_out * w_out)
             # (groups, C_in/groups, C_out/groups), accumulated in float32 for bf16 inputs.
             product = jnp.einsum('gcm,mgd->gcd', window, g_groups,
-                                 preferred_element_type=jnp.float32)
+                                 preferred_element_type=accumulate)
             taps.append(jnp.transpose(product, (1, 0, 2)).reshape(cin_g, cout))
     return jnp.stack(taps).reshape(kernel_shape)

@@ -13,15 +13,16 @@ X = low-level, Y = high-level; same layer X = small kernel, Y = large kernel (th
   map, broadcast over H and W (paper eq. 1);
 * multi-scale context ``L(z) + G(z)`` (paper eq. 3, MS-CAM).
 
-A gate is ``M = sigmoid(context)``. Gates and blends are computed in float32 whatever ``dtype`` is.
+A gate is ``M = sigmoid(context)``. Gates and blends are computed in at least float32 (float64
+for a float64 ``dtype``, :mod:`aff_jax.precision`).
 
 Gates on request: applied with ``mutable=['intermediates']``, every gated scheme records its gate
-``M`` as ``gate`` (float32, broadcast to the fused shape ``(N, H, W, C)``; iAFF also records its
-first-stage gate as ``initial_gate``), and every context branch records its logits as ``logits``
-under its own path (``local_att``: ``(N, H, W, C)``, ``global_att``: ``(N, 1, 1, C)``; a branch
-called twice, iAFF's ``global_att`` with ``reuse_global``, records two). Without that collection
-mutable nothing is recorded and nothing extra is traced, so the compiled programs of training and
-evaluation are those of the plain modules. ``aff_jax.explain.attention_maps`` collects the gates.
+``M`` as ``gate`` (at least float32, broadcast to the fused shape ``(N, H, W, C)``; iAFF also
+records its first-stage gate as ``initial_gate``), and every context branch records its logits
+as ``logits`` under its own path (``local_att``: ``(N, H, W, C)``, ``global_att``:
+``(N, 1, 1, C)``; a branch called twice, iAFF's ``global_att`` with ``reuse_global``, records
+two). Without that collection mutable nothing is recorded and nothing extra is traced, so the
+compiled programs of training and evaluation are those of the plain modules. ``aff_jax.explain.attention_maps`` collects the gates.
 
 Submodule names follow the official code so weights map one-to-one onto the PyTorch port's
 ``state_dict`` and the Gluon ``.params`` names: ``local_att`` (children ``0`` conv, ``1`` BN,
@@ -45,7 +46,7 @@ import jax
 import jax.numpy as jnp
 from flax.typing import Dtype
 
-from aff_jax import module_fields
+from aff_jax import module_fields, precision
 from aff_jax.layers import BatchNorm, StatsRule, check_nhwc, conv2d, global_avg_pool
 
 
@@ -68,11 +69,14 @@ def _inter_channels(channels: int, r: int) -> int:
     return inter
 
 
-def _check_pair(x: jax.Array, y: jax.Array) -> None:
+def _checked_pair(x: jax.Array, y: jax.Array, dtype: Dtype) -> tuple[jax.Array, jax.Array]:
+    """``(x, y)`` in the compute ``dtype``, after checking they are NHWC maps of one shape."""
     check_nhwc(x, 'x')
     check_nhwc(y, 'y')
     if x.shape != y.shape:
         raise ValueError(f'x and y must have the same shape, got x {tuple(x.shape)} and y {tuple(y.shape)}')
+    dtype = precision.checked(dtype)
+    return x.astype(dtype), y.astype(dtype)
 
 
 class _Bottleneck(nn.Module):
@@ -115,12 +119,14 @@ class _FusionBase(nn.Module):
 
     def _context(self, kinds: tuple[str, ...], z: jax.Array, channels: int, train: bool,
                  suffix: str = '') -> jax.Array:
-        """Sum of the contexts ``kinds`` (each 'local' or 'global') of ``z``, float32 logits.
+        """Sum of the contexts ``kinds`` (each 'local' or 'global') of ``z``: logits in at least
+        float32.
 
         The first context of a kind is named ``<kind>_att<suffix>``, a repeated kind gets ``2``.
         """
         inter = _inter_channels(channels, self.r)
-        logits = jnp.zeros((), jnp.float32)
+        compute = precision.at_least_float32(self.dtype)
+        logits = jnp.zeros((), compute)
         seen: dict[str, int] = {}
         for kind in kinds:
             if kind not in ('local', 'global'):
@@ -129,7 +135,7 @@ class _FusionBase(nn.Module):
             name = f'{kind}_att{suffix}' + ('2' if seen[kind] == 2 else '')
             branch = _Bottleneck(channels, inter, kind == 'global', self.stats_rule,
                                  self.dtype, self.param_dtype, name=name)
-            logits = logits + branch(z, train).astype(jnp.float32)
+            logits = logits + branch(z, train).astype(compute)
         return logits
 
 
@@ -144,9 +150,10 @@ class MSCAM(_FusionBase):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         check_nhwc(x, 'x')
+        x = x.astype(precision.checked(self.dtype))
         gate = jax.nn.sigmoid(self._context(('local', 'global'), x, x.shape[-1], train))
         _record(self, 'gate', lambda: gate)
-        return (x.astype(jnp.float32) * gate).astype(self.dtype)
+        return (x.astype(gate.dtype) * gate).astype(self.dtype)
 
 
 class GatedFusion(_FusionBase):
@@ -167,7 +174,7 @@ class GatedFusion(_FusionBase):
 
     @nn.compact
     def __call__(self, x: jax.Array, y: jax.Array, train: bool) -> jax.Array:
-        _check_pair(x, y)
+        x, y = _checked_pair(x, y, self.dtype)
         if self.combine != 'select' and self.scale != 1.0:
             raise ValueError(f"scale applies to combine='select' only; {type(self).__name__} "
                              f"combines by {self.combine!r}, got scale={self.scale}")
@@ -177,7 +184,7 @@ class GatedFusion(_FusionBase):
             raise ValueError(f"gate_on must be one of {sorted(inputs)}, got {self.gate_on!r}")
         gate = jax.nn.sigmoid(self._context(self.context, inputs[self.gate_on](), x.shape[-1], train))
         _record(self, 'gate', lambda: jnp.broadcast_to(gate, x.shape))
-        x32, y32 = x.astype(jnp.float32), y.astype(jnp.float32)
+        x32, y32 = x.astype(gate.dtype), y.astype(gate.dtype)
         if self.combine == 'select':
             # The scale goes onto the gate, not onto the sum: XLA duplicates an elementwise op
             # with one non-constant operand (``scale * sum``) into every consumer, and a stage's
@@ -289,10 +296,11 @@ class IAFF(_FusionBase):
 
     @nn.compact
     def __call__(self, x: jax.Array, y: jax.Array, train: bool) -> jax.Array:
-        _check_pair(x, y)
+        x, y = _checked_pair(x, y, self.dtype)
         channels = x.shape[-1]
         inter = _inter_channels(channels, self.r)
-        x32, y32 = x.astype(jnp.float32), y.astype(jnp.float32)
+        compute = precision.at_least_float32(self.dtype)
+        x32, y32 = x.astype(compute), y.astype(compute)
         branch = dict(stats_rule=self.stats_rule, dtype=self.dtype, param_dtype=self.param_dtype)
         local1 = _Bottleneck(channels, inter, False, name='local_att', **branch)
         global1 = _Bottleneck(channels, inter, True, name='global_att', **branch)
@@ -300,17 +308,17 @@ class IAFF(_FusionBase):
         global2 = _Bottleneck(channels, inter, True, name='global_att2', **branch)
 
         def blend(logits, name):
-            gate = jax.nn.sigmoid(logits.astype(jnp.float32))
+            gate = jax.nn.sigmoid(logits.astype(compute))
             _record(self, name, lambda: gate)
             return gate * x32 + (1.0 - gate) * y32
 
         xa = x + y
-        xi = blend(local1(xa, train).astype(jnp.float32) + global1(xa, train),
+        xi = blend(local1(xa, train).astype(compute) + global1(xa, train),
                    'initial_gate').astype(self.dtype)
         second_global = global1 if self.reuse_global else global2
         if self.reuse_global and self.is_initializing():
             global2(xi, train)
-        z = blend(local2(xi, train).astype(jnp.float32) + second_global(xi, train), 'gate')
+        z = blend(local2(xi, train).astype(compute) + second_global(xi, train), 'gate')
         return z.astype(self.dtype)
 
 
@@ -322,8 +330,8 @@ class Add(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, y: jax.Array, train: bool) -> jax.Array:
-        _check_pair(x, y)
-        return (x + y).astype(self.dtype)
+        x, y = _checked_pair(x, y, self.dtype)
+        return x + y
 
 
 class Concat(nn.Module):
@@ -334,7 +342,7 @@ class Concat(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, y: jax.Array, train: bool) -> jax.Array:
-        _check_pair(x, y)
+        x, y = _checked_pair(x, y, self.dtype)
         proj = conv2d(x.shape[-1], 1, bias=True, dtype=self.dtype, param_dtype=self.param_dtype,
                       name='conv')
         return proj(jnp.concatenate([x, y], axis=-1))
@@ -389,7 +397,8 @@ FusionFactory = Callable[..., nn.Module]
 
 def factory(name: str, host_defaults: dict[str, Any] | None = None,
             **options: Any) -> FusionFactory:
-    """A fusion factory for a host network: ``factory(...)(name='fuse_mode')`` builds the module.
+    """A fusion factory for a host network: ``factory(...)(name='fuse_mode')`` builds the module;
+    fields given to that call (a host's ``dtype``) override the factory's.
 
     ``host_defaults`` are the host's settings (``r``, ``stats_rule``, ``dtype``, ...): each is
     applied where the scheme has that field (``add`` has no ``r``). ``options`` are the
@@ -402,6 +411,6 @@ def factory(name: str, host_defaults: dict[str, Any] | None = None,
     create(name, **merged)  # validates the options now rather than at trace time
 
     def make(**module_kwargs: Any) -> nn.Module:
-        return cls(**merged, **module_kwargs)
+        return cls(**{**merged, **module_kwargs})
 
     return make

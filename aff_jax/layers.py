@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from aff_jax import conv as conv_lib
+from aff_jax import precision
 
 Dtype = Any
 
@@ -78,14 +79,15 @@ class Conv2D(nn.Module):
         k = self.kernel_size
         kernel = param(self, 'kernel', conv_kernel_init, CONV_AXES,
                        (k, k, channels // self.groups, self.features), self.param_dtype)
-        x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+        dtype = precision.checked(self.dtype)
+        x, kernel = x.astype(dtype), kernel.astype(dtype)
         pad = ((self.padding, self.padding), (self.padding, self.padding))
         y = conv_lib.conv2d(x, kernel, (self.stride, self.stride), pad,
                             (self.dilation, self.dilation), self.groups)
         if self.use_bias:
             bias = param(self, 'bias', nn.initializers.zeros, CONV_AXES[-1:], (self.features,),
                          self.param_dtype)
-            y = y + bias.astype(self.dtype)
+            y = y + bias.astype(dtype)
         return y
 
 
@@ -113,8 +115,9 @@ StatsRule = Literal['torch', 'gluon']
 class BatchNorm(nn.Module):
     """Per-channel batch normalisation of an NHWC tensor over (N, H, W).
 
-    Statistics and normalisation are computed in float32 whatever ``dtype`` is; the output is
-    cast to ``dtype``. ``momentum`` is the running-average decay (PyTorch momentum 0.1 == 0.9
+    Statistics and normalisation are computed in at least float32 (float64 for a float64
+    ``dtype``, :mod:`aff_jax.precision`); the output is cast to ``dtype``, and the running
+    statistics are stored in at least float32 of ``param_dtype``. ``momentum`` is the running-average decay (PyTorch momentum 0.1 == 0.9
     here == Gluon's default 0.9).
 
     ``stats_rule`` reproduces the source framework's running-statistics update:
@@ -146,17 +149,19 @@ class BatchNorm(nn.Module):
         if self.stats_rule not in ('torch', 'gluon'):
             raise ValueError(f"BatchNorm stats_rule must be 'torch' or 'gluon', got {self.stats_rule!r}")
         channels = x.shape[-1]
-        running_mean = self.variable('batch_stats', 'mean', jnp.zeros, (channels,), jnp.float32)
-        running_var = self.variable('batch_stats', 'var', jnp.ones, (channels,), jnp.float32)
+        compute = precision.at_least_float32(self.dtype)
+        stored = precision.at_least_float32(self.param_dtype)
+        running_mean = self.variable('batch_stats', 'mean', jnp.zeros, (channels,), stored)
+        running_var = self.variable('batch_stats', 'var', jnp.ones, (channels,), stored)
         if self.stats_rule == 'torch':
             tracked = self.variable('batch_stats', 'num_batches_tracked', jnp.zeros, (), jnp.int32)
-        x32 = x.astype(jnp.float32)
+        xc = x.astype(compute)
         # Without a parameter, a constant 1 or 0 that XLA folds away.
         scale = (param(self, 'scale', self.scale_init, NORM_AXES, (channels,), self.param_dtype)
-                 .astype(jnp.float32) if self.use_scale else jnp.ones((channels,), jnp.float32))
+                 .astype(compute) if self.use_scale else jnp.ones((channels,), compute))
         bias = (param(self, 'bias', nn.initializers.zeros, NORM_AXES, (channels,),
-                      self.param_dtype).astype(jnp.float32)
-                if self.use_bias else jnp.zeros((channels,), jnp.float32))
+                      self.param_dtype).astype(compute)
+                if self.use_bias else jnp.zeros((channels,), compute))
         if train:
             count = x.size // channels
             if count < 2:
@@ -164,16 +169,17 @@ class BatchNorm(nn.Module):
                     f'BatchNorm in train mode needs more than one value per channel, got input '
                     f'of shape {tuple(x.shape)}; the global-context branch sees one value per '
                     f'image, so train with a batch size of at least 2')
-            y, mean, var = normalize_batch(x32, scale, bias, self.epsilon)
+            y, mean, var = normalize_batch(xc, scale, bias, self.epsilon)
             if self.update_stats and not self.is_initializing():
                 update_var = var * (count / (count - 1)) if self.stats_rule == 'torch' else var
                 m = self.momentum
-                running_mean.value = m * running_mean.value + (1.0 - m) * mean
-                running_var.value = m * running_var.value + (1.0 - m) * update_var
+                running_mean.value = (m * running_mean.value + (1.0 - m) * mean).astype(stored)
+                running_var.value = (m * running_var.value + (1.0 - m) * update_var).astype(stored)
                 if self.stats_rule == 'torch':
                     tracked.value = tracked.value + 1
         else:
-            y = _normalize(x32, running_mean.value, running_var.value, scale, bias, self.epsilon)
+            y = _normalize(xc, running_mean.value.astype(compute),
+                           running_var.value.astype(compute), scale, bias, self.epsilon)
         return y.astype(self.dtype)
 
 
@@ -205,7 +211,8 @@ def _normalize_batch_bwd(epsilon, residuals, cotangents):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def normalize_batch(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float
                     ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Train-mode batch normalisation of ``x`` (..., C) float32 over all but its last axis:
+    """Train-mode batch normalisation of ``x`` (..., C) over all but its last axis, in ``x``'s
+    dtype (float32 or float64; ``scale`` and ``bias`` alike):
     ``((x - mean) * rsqrt(var + epsilon) * scale + bias, mean, var)``, biased variance.
 
     The gradient is the closed form, ``dx = a*dy - (a*sum(dy) - dmean)/n - (x - mean) *
@@ -290,8 +297,10 @@ def avg_pool_ceil(x: jax.Array, size: int) -> jax.Array:
 
 
 def global_avg_pool(x: jax.Array, keepdims: bool = True) -> jax.Array:
-    """(N, H, W, C) -> (N, 1, 1, C), or (N, C) without ``keepdims``; mean accumulated in float32."""
-    return jnp.mean(x.astype(jnp.float32), axis=(1, 2), keepdims=keepdims).astype(x.dtype)
+    """(N, H, W, C) -> (N, 1, 1, C), or (N, C) without ``keepdims``; the mean accumulated in at
+    least float32."""
+    return jnp.mean(x.astype(jnp.promote_types(x.dtype, jnp.float32)), axis=(1, 2),
+                    keepdims=keepdims).astype(x.dtype)
 
 
 def check_nhwc(x: Any, what: str = 'input') -> None:

@@ -57,7 +57,7 @@ class LongSkipFusion(nn.Module):
         y = layers.upsample(y.astype(x.dtype), height, width, self.upsample)
         factory = fusion_factory(self.fusion, self.r, self.fusion_options, self.stats_rule,
                                  self.dtype, self.param_dtype)
-        return factory(name='fuse')(x, y, train)
+        return factory(name='fuse', dtype=self.dtype, param_dtype=self.param_dtype)(x, y, train)
 
 
 def fusion_factory(fusion: str | fusion_lib.FusionFactory, r: int = 4,

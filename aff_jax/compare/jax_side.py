@@ -1,4 +1,5 @@
-"""The JAX side: a flax module's :class:`~aff_jax.compare.runs.Run` for a case.
+"""The JAX side: a flax module's :class:`~aff_jax.compare.runs.Run` for a case, in the
+module's own precision (:func:`run`) and in float64 (:func:`run_float64`).
 
 Activations come from ``capture_intermediates``; variables are handed over to the reference's
 names by a ``names(model, variables) -> {name: array}`` function (``aff_jax.interop.torch.
@@ -6,6 +7,7 @@ to_state_dict`` or ``aff_jax.interop.mxnet.to_params``).
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Callable, Mapping
 
@@ -15,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from aff_jax import precision
 from aff_jax.compare.runs import OUTPUT, Case, Run
 
 Names = Callable[[Any, Mapping[str, Any]], dict[str, np.ndarray]]
@@ -61,7 +64,8 @@ def _train_pass(model: Any, params: Any, stats: Any, inputs: tuple, labels: jax.
     def loss(params):
         out, state = model.apply({'params': params, 'batch_stats': stats}, *inputs, train=True,
                                  capture_intermediates=True, mutable=['batch_stats', 'intermediates'])
-        value = optax.softmax_cross_entropy_with_integer_labels(out.astype(jnp.float32), labels)
+        logits = out.astype(jnp.promote_types(out.dtype, jnp.float32))
+        value = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
         return value.mean(), (out, state['intermediates'], state['batch_stats'])
 
     (_, aux), grads = jax.value_and_grad(loss, has_aux=True)(params)
@@ -96,3 +100,15 @@ def run(model: Any, variables: Mapping[str, Any], case: Case, names: Names) -> R
             stats = new_stats
             result.states.append(names(model, {'params': params, 'batch_stats': stats}))
     return result
+
+
+def run_float64(model: Any, variables: Mapping[str, Any], case: Case, names: Names) -> Run:
+    """:func:`run` of ``model`` computing and storing everything in float64
+    (:func:`aff_jax.precision.with_dtype`), its variables and the case's inputs cast exactly
+    to float64, under 64-bit JAX."""
+    with jax.enable_x64(True):
+        return run(precision.with_dtype(model, jnp.float64),
+                   precision.cast_floats(variables, np.float64),
+                   dataclasses.replace(case, inputs=tuple(np.asarray(x, np.float64)
+                                                          for x in case.inputs)),
+                   names)

@@ -13,7 +13,8 @@ OUTPUT = '(output)'
 class Case:
     """One comparison's inputs and procedure.
 
-    ``inputs``: the model's positional array inputs, NHWC float32 (one image batch for a host,
+    ``inputs``: the model's positional array inputs, NHWC float32, which each run casts to
+    the precision it computes in (one image batch for a host,
     ``(x, y)`` for a fusion module). ``mode``: ``'eval'`` (running statistics) or ``'train'``
     (batch statistics, a cross-entropy loss on ``labels`` and its gradients). ``labels``: int
     class indices of the output's shape without its last axis (``(N,)`` for ``(N, classes)``

@@ -109,8 +109,10 @@ def example_inputs(model: nn.Module, external_shapes: Mapping[str, tuple[int, ..
     return (jax.ShapeDtypeStruct((2, 4, 4, channels), jnp.float32),) * model.num_inputs
 
 
-def _trace_template(model: nn.Module, inputs: tuple) -> dict[str, Any]:
-    variables = jax.eval_shape(lambda *xs: model.init(jax.random.key(0), *xs, train=False), *inputs)
+def _trace_template(model: nn.Module, inputs: tuple, x64: bool) -> dict[str, Any]:
+    with jax.enable_x64(x64):
+        variables = jax.eval_shape(lambda *xs: model.init(jax.random.key(0), *xs, train=False),
+                                   *inputs)
     return nn.unbox(variables)
 
 
@@ -118,14 +120,16 @@ _cached_template = functools.lru_cache(maxsize=16)(_trace_template)
 
 
 def _template(model: nn.Module, inputs: tuple) -> dict[str, Any]:
-    """``model``'s abstract variables (read, never modified). Traced once per model and input
-    shapes, since converting one model's weights needs them several times (both directions,
-    the compare tool's every step); a module with an unhashable field is traced every time."""
+    """``model``'s abstract variables (read, never modified), their dtypes as 64-bit JAX is on
+    or off now. Traced once per model, input shapes and that setting, since converting one
+    model's weights needs them several times (both directions, the compare tool's every step);
+    a module with an unhashable field is traced every time."""
+    x64 = bool(jax.config.jax_enable_x64)
     try:
         hash((model, inputs))
     except TypeError:
-        return _trace_template(model, inputs)
-    return _cached_template(model, inputs)
+        return _trace_template(model, inputs, x64)
+    return _cached_template(model, inputs, x64)
 
 
 def entries(model: nn.Module, convention: Convention, inputs: tuple) -> dict[str, _Entry]:

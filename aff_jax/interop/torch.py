@@ -37,17 +37,23 @@ _ZIP_MAGIC, _PICKLE_MAGIC = b'PK\x03\x04', b'\x80'
 
 def from_state_dict(model: nn.Module, state_dict: Mapping[str, Any],
                     inputs: tuple | None = None) -> dict[str, Any]:
-    """``state_dict`` -> ``{'params': ..., 'batch_stats': ...}`` (numpy arrays) for ``model``.
+    """``state_dict`` -> ``{'params': ..., 'batch_stats': ...}`` (numpy arrays) for ``model``,
+    in the dtypes of ``model``'s variables.
 
     Values are ``torch.Tensor`` (bfloat16 and float16 are widened to float32) or
-    ``np.ndarray``. A prefix from :data:`WRAPPER_PREFIXES` (``module.`` of DataParallel/DDP,
-    ``_orig_mod.`` of torch.compile) is removed when every key carries it.
+    ``np.ndarray``. The wrappers :func:`load_state_dict_file` unwraps are unwrapped here too: a
+    checkpoint dict holding the state_dict under a :data:`WRAPPER_KEYS` key (what
+    ``torch.load`` returns for ``torch.save({'state_dict': ...})``), and a prefix from
+    :data:`WRAPPER_PREFIXES` (``module.`` of DataParallel/DDP, ``_orig_mod.`` of torch.compile)
+    when every key carries it; a dict holding no state_dict is a ``ValueError`` saying what it
+    holds.
     Strict: every key is used once and every shape checked; any mismatch raises one
     ``ValueError`` counting the missing, unexpected and mis-shaped keys and naming the first
     ten of each. ``inputs``: abstract inputs for ``model.init`` when they cannot be derived
     (see ``naming.example_inputs``).
     """
-    return naming.to_flax(model, _without_wrapper_prefixes(state_dict), CONVENTION, inputs)
+    found = _find_state_dict(state_dict, 'the dict given to from_state_dict')
+    return naming.to_flax(model, _without_wrapper_prefixes(found), CONVENTION, inputs)
 
 
 def to_state_dict(model: nn.Module, variables: Mapping[str, Any],
@@ -158,27 +164,29 @@ def _reason(err: BaseException, limit: int = 160) -> str:
 
 
 def _is_state_dict(obj: Any) -> bool:
-    """A non-empty dict of names to tensors (or arrays)."""
-    return (isinstance(obj, dict) and bool(obj)
+    """A non-empty mapping of names to tensors (or arrays)."""
+    return (isinstance(obj, Mapping) and bool(obj)
             and all(isinstance(k, str) and hasattr(v, 'shape') for k, v in obj.items()))
 
 
-def _find_state_dict(obj: Any, path: str) -> dict[str, Any]:
-    """The state_dict in what ``torch.load`` returned: ``obj`` itself or the value under a
-    :data:`WRAPPER_KEYS` key, up to two levels down."""
+def _find_state_dict(obj: Any, source: str) -> Mapping[str, Any]:
+    """The state_dict in ``obj`` (what ``torch.load`` returned, or a mapping given in memory):
+    ``obj`` itself or the value under a :data:`WRAPPER_KEYS` key, up to two levels down.
+    ``source`` names ``obj`` in the error."""
     found = obj
     for _ in range(3):  # the top level, then two wrappers
         if _is_state_dict(found):
             return found
-        if not isinstance(found, dict):
+        if not isinstance(found, Mapping):
             break
-        found = next((found[k] for k in WRAPPER_KEYS if isinstance(found.get(k), dict)), None)
-    raise ValueError(f'{path}: holds no state_dict (a dict of tensors, at the top or under '
+        found = next((found[k] for k in WRAPPER_KEYS if isinstance(found.get(k), Mapping)),
+                     None)
+    raise ValueError(f'{source}: holds no state_dict (a dict of tensors, at the top or under '
                      f'{"/".join(WRAPPER_KEYS)}); it holds {_describe(obj)}')
 
 
 def _describe(obj: Any) -> str:
-    if not isinstance(obj, dict):
+    if not isinstance(obj, Mapping):
         return f'a {type(obj).__name__}'
     if not obj:
         return 'an empty dict'

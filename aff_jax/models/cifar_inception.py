@@ -34,7 +34,7 @@ from flax.typing import Dtype
 from aff_jax.fusion import FusionFactory
 from aff_jax.layers import StatsRule, check_nhwc
 from aff_jax.models.features import head_or_features
-from aff_jax.models.residual import ConvDef, NormDef, Shortcut, Stage, layer_defs
+from aff_jax.models.residual import ConvDef, NormDef, Shortcut, Stage, fusion_def, layer_defs
 
 
 class TwoBranchCell(nn.Module):
@@ -119,7 +119,7 @@ class CIFARInceptionResNet(nn.Module):
         stages = []
         for i, (width, num_blocks) in enumerate(zip(self.channels[1:], self.layers)):
             stride = 1 if i == 0 else 2
-            block = functools.partial(InceptionBlock, channels=width, fusion=self.fusion,
+            block = functools.partial(InceptionBlock, channels=width, fusion=fusion_def(self),
                                       conv=conv, norm=norm)
             x = Stage(block, num_blocks, stride, downsample=stride != 1 or width != x.shape[-1],
                       name=f'stage{i + 1}')(x, train)

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax.typing import Dtype
 
-from aff_jax import layers
+from aff_jax import layers, precision
 from aff_jax.layers import BatchNorm, StatsRule, conv2d
 
 
@@ -29,7 +29,9 @@ class ConvBNReLU(nn.Module):
 
 def pixel_logits(decoder: Any, x: jax.Array, height: int, width: int) -> jax.Array:
     """Per-pixel class logits: a 1x1 conv with bias (child ``classifier``) on the decoder's
-    finest map (N, h, w, C), bilinearly upsampled to (N, height, width, num_classes) float32."""
+    finest map (N, h, w, C), bilinearly upsampled to (N, height, width, num_classes), in at
+    least float32."""
     logits = conv2d(decoder.num_classes, 1, bias=True, dtype=decoder.dtype,
                     param_dtype=decoder.param_dtype, name='classifier')(x)
-    return layers.upsample(logits.astype(jnp.float32), height, width, 'bilinear')
+    return layers.upsample(logits.astype(precision.at_least_float32(decoder.dtype)), height, width,
+                           'bilinear')

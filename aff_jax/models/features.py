@@ -14,6 +14,7 @@ from typing import Any, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 
+from aff_jax import precision
 from aff_jax.layers import dense, global_avg_pool
 
 # The probe input of feature_info: divisible by every host's total stride (at most 32), so
@@ -44,14 +45,14 @@ def check_out_indices(out_indices: Sequence[int] | None, num_stages: int) -> tup
 
 def head_or_features(host: Any, stages: Sequence[jax.Array]) -> Any:
     """What a host returns from its stage outputs ``stages`` (finest first): the selected maps
-    when ``host.features_only``, else ``(N, num_classes)`` float32 logits of the global average
+    when ``host.features_only``, else ``(N, num_classes)`` logits (at least float32) of the global average
     pool of the last one through the dense head ``host.head``. Call it from the host's compact
     ``__call__`` so that the head belongs to the host."""
     if host.features_only:
         return tuple(stages[i] for i in check_out_indices(host.out_indices, len(stages)))
     pooled = global_avg_pool(stages[-1], keepdims=False)
     return dense(host.num_classes, dtype=host.dtype, param_dtype=host.param_dtype,
-                 name=host.head)(pooled).astype(jnp.float32)
+                 name=host.head)(pooled).astype(precision.at_least_float32(host.dtype))
 
 
 def feature_info(model: Any) -> list[FeatureInfo]:

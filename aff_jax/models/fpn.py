@@ -44,7 +44,8 @@ class FPN(nn.Module):
         pyramid = conv2d(self.pyramid_channels, 1, bias=True, dtype=self.dtype,
                          param_dtype=self.param_dtype, name='top')(features[-1])
         for i in reversed(range(len(features) - 1)):
-            merge = self.long_skip(self.pyramid_channels, name=f'merge{i}')
+            merge = self.long_skip(self.pyramid_channels, dtype=self.dtype,
+                                   param_dtype=self.param_dtype, name=f'merge{i}')
             pyramid = merge(features[i], pyramid, train)
         pyramid = ConvBNReLU(self.pyramid_channels, self.stats_rule, self.dtype, self.param_dtype,
                              name='smooth')(pyramid, train)

@@ -137,12 +137,20 @@ class Stage(nn.Module):
         return x
 
 
+def fusion_def(host: Any, fusion: Callable[..., nn.Module] | None = None
+               ) -> Callable[..., nn.Module]:
+    """The fusion factory ``fusion`` (default ``host.fusion``) with ``host``'s ``dtype`` and
+    ``param_dtype`` bound, as :func:`layer_defs` binds them for convs and BatchNorms: a fusion
+    computes in its host's precision, also in a copy of the host made in another one
+    (:func:`aff_jax.precision.with_dtype`)."""
+    return functools.partial(host.fusion if fusion is None else fusion, dtype=host.dtype,
+                             param_dtype=host.param_dtype)
+
+
 def stage_fusion(host: Any, stage_index: int) -> Callable[..., nn.Module]:
-    """The fusion of ``host``'s stage ``stage_index`` (1-based): the official hosts fuse by
-    plain addition in stages before ``host.start_layer``."""
-    if stage_index >= host.start_layer:
-        return host.fusion
-    return fusion_lib.factory('add', dtype=host.dtype, param_dtype=host.param_dtype)
+    """The fusion of ``host``'s stage ``stage_index`` (1-based), by :func:`fusion_def`: the
+    official hosts fuse by plain addition in stages before ``host.start_layer``."""
+    return fusion_def(host, None if stage_index >= host.start_layer else fusion_lib.factory('add'))
 
 
 class Scope(nn.Module):

@@ -19,8 +19,8 @@ from flax.typing import Dtype
 from aff_jax.fusion import FusionFactory
 from aff_jax.layers import StatsRule, check_nhwc, max_pool_3x3_s2
 from aff_jax.models.features import head_or_features
-from aff_jax.models.residual import (ConvDef, FusionOrder, NormDef, Shortcut, Stage, layer_defs,
-                                     short_skip_pair)
+from aff_jax.models.residual import (ConvDef, FusionOrder, NormDef, Shortcut, Stage, fusion_def,
+                                     layer_defs, short_skip_pair)
 
 
 class _Block(nn.Module):
@@ -101,6 +101,7 @@ class TVResNet(nn.Module):
     def __call__(self, x: jax.Array, train: bool) -> Any:
         check_nhwc(x)
         conv, norm = layer_defs(self)
+        fuse = fusion_def(self)
         x = x.astype(self.dtype)
         if self.small_input:
             x = conv(64, 3, padding=1, name='conv1')(x)
@@ -113,7 +114,7 @@ class TVResNet(nn.Module):
         for i, (planes, num_blocks) in enumerate(zip((64, 128, 256, 512), self.layers)):
             stride = 1 if i == 0 else 2
             block = functools.partial(
-                _Block, planes=planes, fusion=self.fusion, conv=conv, norm=norm,
+                _Block, planes=planes, fusion=fuse, conv=conv, norm=norm,
                 bottleneck=self.bottleneck, groups=self.groups, base_width=self.width_per_group,
                 zero_init_last_bn=self.zero_init_last_bn, fusion_order=self.fusion_order)
             x = Stage(block, num_blocks, stride,

@@ -49,7 +49,8 @@ class UNet(nn.Module):
                              f'backbone stage but the coarsest), got {tuple(widths)}')
         y = features[-1]
         for i in reversed(range(len(features) - 1)):
-            y = self.long_skip(widths[i], name=f'merge{i}')(features[i], y, train)
+            y = self.long_skip(widths[i], dtype=self.dtype, param_dtype=self.param_dtype,
+                               name=f'merge{i}')(features[i], y, train)
             y = ConvBNReLU(widths[i], self.stats_rule, self.dtype, self.param_dtype,
                            name=f'block{i}')(y, train)
         return pixel_logits(self, y, x.shape[1], x.shape[2])

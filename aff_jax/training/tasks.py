@@ -36,8 +36,9 @@ def smoothed_one_hot(labels: jax.Array, num_classes: int, eta: float) -> jax.Arr
 
 
 def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
-    """(..., K) logits and (..., K) target distributions -> (...) losses, in float32."""
-    return -jnp.sum(targets * jax.nn.log_softmax(logits.astype(jnp.float32)), axis=-1)
+    """(..., K) logits and (..., K) target distributions -> (...) losses, in at least float32."""
+    logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
+    return -jnp.sum(targets * jax.nn.log_softmax(logits), axis=-1)
 
 
 @dataclasses.dataclass(frozen=True)
