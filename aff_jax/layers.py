@@ -124,7 +124,9 @@ class BatchNorm(nn.Module):
 
     * ``'torch'``: running_var is updated with the *unbiased* batch variance (n / (n - 1)) and a
       ``num_batches_tracked`` int32 counter is kept, as in ``torch.nn.BatchNorm2d``.
-    * ``'gluon'``: running_var is updated with the biased batch variance, as Gluon does.
+    * ``'gluon'``: running_var is updated with the biased batch variance, and the momentum is
+      rounded to float32, as Gluon does (its operator takes momentum as a float32
+      hyperparameter, also in a net cast to float64; float32 runs round it so anyway).
 
     ``update_stats=False`` normalises with the batch statistics in train mode but leaves the
     running ones untouched: what MXNet does for a BN whose backward pass never runs, since it
@@ -172,7 +174,8 @@ class BatchNorm(nn.Module):
             y, mean, var = normalize_batch(xc, scale, bias, self.epsilon)
             if self.update_stats and not self.is_initializing():
                 update_var = var * (count / (count - 1)) if self.stats_rule == 'torch' else var
-                m = self.momentum
+                m = (self.momentum if self.stats_rule == 'torch'
+                     else float(np.float32(self.momentum)))
                 running_mean.value = (m * running_mean.value + (1.0 - m) * mean).astype(stored)
                 running_var.value = (m * running_var.value + (1.0 - m) * update_var).astype(stored)
                 if self.stats_rule == 'torch':

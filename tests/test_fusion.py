@@ -1,9 +1,12 @@
-"""Every fusion scheme against an independent float64 numpy evaluation of its formula.
+"""Every fusion scheme against an independent float64 numpy evaluation of its formula (in
+float32, and in float64 to 1e-10), and in float64 against an independent PyTorch implementation
+(`aff_jax.reference.torch_fusion`): outputs, statistics, gradients and an SGD step.
 
 The reference reads the module's variables (NHWC, conv kernels HWIO) and recomputes the output
 and, in train mode, the updated running statistics: flax momentum 0.9 (= PyTorch 0.1), BN eps
 1e-5, normalisation by the biased batch variance; running_var takes the unbiased variance where
-the BN keeps a `num_batches_tracked` counter (the PyTorch rule) and the biased one otherwise.
+the BN keeps a `num_batches_tracked` counter (the PyTorch rule) and the biased one otherwise,
+with the momentum rounded to float32 (the Gluon rule, as MXNet's operator takes it).
 """
 import copy
 import re
@@ -16,7 +19,10 @@ import pytest
 from flax import traverse_util
 
 import aff_jax
-from aff_jax import fusion
+import parity
+from aff_jax import compare, fusion
+from aff_jax.interop import torch as aff_torch
+from aff_jax.reference import torch_fusion, torch_port
 
 EPS = 1e-5
 MOMENTUM = 0.9
@@ -46,9 +52,10 @@ class Reference:
             n = z.size // z.shape[-1]
             mean, var = z.mean((0, 1, 2)), z.var((0, 1, 2))
             torch_rule = 'num_batches_tracked' in s
-            s['mean'] = MOMENTUM * s['mean'] + (1 - MOMENTUM) * mean
+            m = MOMENTUM if torch_rule else float(np.float32(MOMENTUM))
+            s['mean'] = m * s['mean'] + (1 - m) * mean
             update = var * n / (n - 1) if torch_rule else var
-            s['var'] = MOMENTUM * s['var'] + (1 - MOMENTUM) * update
+            s['var'] = m * s['var'] + (1 - m) * update
             if torch_rule:
                 s['num_batches_tracked'] = s['num_batches_tracked'] + 1
         else:
@@ -168,17 +175,18 @@ def setup(module, x, y, seed=0):
     return randomized(module.init(jax.random.key(0), x, y, False), seed)
 
 
-def assert_close(got, want, what):
-    """float32 against the float64 reference. In train mode BatchNorm divides by the
-    standard deviation of a few values (the global context sees one per image), which
-    magnifies float32 rounding: iAFF's two stages reach 2e-5 there."""
+def assert_close(got, want, what, tolerance=None):
+    """float32 (or float64, with ``tolerance``) against the float64 reference. In train mode
+    BatchNorm divides by the standard deviation of a few values (the global context sees one
+    per image), which magnifies float32 rounding: iAFF's two stages reach 2e-5 there."""
     got = np.asarray(got, np.float64)
     assert got.shape == want.shape, f'{what}: shape {got.shape} != {want.shape}'
-    tolerance = 5e-5 if what == 'train' else 1e-5
+    if tolerance is None:
+        tolerance = 5e-5 if what == 'train' else 1e-5
     np.testing.assert_allclose(got, want, rtol=tolerance, atol=tolerance, err_msg=what)
 
 
-def assert_stats_equal(got, want):
+def assert_stats_equal(got, want, tolerance=None):
     got = traverse_util.flatten_dict(numpy_tree(got))
     want = traverse_util.flatten_dict(want)
     assert sorted(got) == sorted(want)
@@ -186,19 +194,19 @@ def assert_stats_equal(got, want):
         if path[-1] == 'num_batches_tracked':
             assert int(got[path]) == int(w), path
         else:
-            assert_close(got[path], w, '/'.join(path))
+            assert_close(got[path], w, '/'.join(path), tolerance)
 
 
-def check_against_reference(module, formula, variables, x, y):
+def check_against_reference(module, formula, variables, x, y, tolerance=None):
     """Eval and train outputs, and the train-mode running statistics, vs the numpy formula."""
     ref = Reference(variables, train=False)
     want = formula(ref, x.astype(np.float64), y)
-    assert_close(module.apply(variables, x, y, False), want, 'eval')
+    assert_close(module.apply(variables, x, y, False), want, 'eval', tolerance)
     ref = Reference(variables, train=True)
     want = formula(ref, x.astype(np.float64), y)
     got, updates = module.apply(variables, x, y, True, mutable=['batch_stats'])
-    assert_close(got, want, 'train')
-    assert_stats_equal(updates.get('batch_stats', {}), ref.stats)
+    assert_close(got, want, 'train', tolerance)
+    assert_stats_equal(updates.get('batch_stats', {}), ref.stats, tolerance)
 
 
 @pytest.mark.parametrize('name', sorted(SCHEMES))
@@ -209,7 +217,49 @@ def test_scheme_matches_numpy_formula(name):
 
 
 def test_every_registered_scheme_is_checked_here():
-    assert set(SCHEMES) == set(fusion.names())
+    assert set(SCHEMES) == set(fusion.names()) == set(torch_fusion.NAMES)
+
+
+@pytest.mark.parametrize('name', sorted(SCHEMES))
+def test_scheme_matches_numpy_formula_in_float64(name):
+    """dtype float64 computes every value in float64 (gates and BatchNorm statistics
+    included): the numpy formula to 1e-10 instead of float32's 1e-5."""
+    with jax.enable_x64(True):
+        module = make(name, dtype=jnp.float64, param_dtype=jnp.float64)
+        x, y = (a.astype(np.float64) for a in inputs(1))
+        variables = setup(module, x, y)
+        _, state = module.apply(variables, x, y, True, mutable=['batch_stats', 'intermediates'],
+                                capture_intermediates=True)
+        dtypes = {a.dtype for a in jax.tree.leaves(state)} | {
+            a.dtype for a in jax.tree.leaves(variables) if a.dtype != np.int32}
+        assert dtypes == {np.dtype(np.float64)}, dtypes
+        check_against_reference(module, SCHEMES[name][1], variables, x, y, tolerance=1e-10)
+
+
+def test_float64_without_64_bit_jax_is_an_error_not_float32():
+    module = fusion.create('aff', dtype=jnp.float64)
+    x, y = inputs(1)
+    with pytest.raises(ValueError, match=r"dtype float64 needs 64-bit JAX, which is off: "
+                                         r"jax.config.update\('jax_enable_x64', True\)"):
+        module.init(jax.random.key(0), x, y, False)
+
+
+@pytest.mark.parametrize('name', sorted(SCHEMES))
+def test_scheme_matches_torch_in_float64(name):
+    """Against the PyTorch formula of the scheme, both in float64: eval, then train mode with
+    the running statistics, every gradient and one SGD step, to 1e-10."""
+    ref = torch_port.randomize_(torch_fusion.build(name, 8, r=REDUCTION), seed=len(name))
+    fields = {'r': REDUCTION, 'stats_rule': 'torch'} if name in LEARNED else {}
+    module = fusion.create(name, **fields)
+    variables = aff_torch.from_state_dict(module, ref.state_dict())
+    x, y = (compare.example_input(4, 5, seed, channels=8) for seed in (1, 2))
+    for mode, steps in (('eval', 0), ('train', 1)):
+        diffs = parity.float64_diffs(module, variables, compare.torch_reference(ref), (x, y),
+                                     names=aff_torch.to_state_dict, mode=mode, steps=steps)
+        parity.assert_parity(diffs)
+    assert {d.kind for d in diffs} == ({'activation', 'stat', 'grad', 'step1'} if name in LEARNED
+                                       else {'activation', 'grad', 'step1'} if name == 'concat'
+                                       else {'activation'})
 
 
 @pytest.mark.parametrize('name', sorted(SCHEMES))

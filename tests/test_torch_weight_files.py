@@ -94,6 +94,22 @@ def test_legacy_format_loads(ref, model, want, tmp_path):
                           want)
 
 
+@pytest.mark.parametrize('layout', sorted(LAYOUTS))
+def test_saved_layouts_load_in_memory_too(layout, ref, model, want):
+    """What torch.load returns for each layout, given to from_state_dict directly."""
+    assert_same_variables(aff_torch.from_state_dict(model, LAYOUTS[layout](ref)), want)
+
+
+def test_a_dict_without_a_state_dict_says_what_it_holds(model):
+    with pytest.raises(ValueError) as excinfo:
+        aff_torch.from_state_dict(model, {'epoch': 3, 'best_acc': 0.9})
+    message = str(excinfo.value)
+    assert '\n' not in message
+    assert message == ('the dict given to from_state_dict: holds no state_dict (a dict of '
+                       'tensors, at the top or under state_dict/model_state_dict/model/net); it '
+                       'holds a dict with keys epoch, best_acc')
+
+
 def test_prefixed_state_dict_loads_without_a_file(ref, model, want):
     wrapped = torch.nn.DataParallel(torch.compile(ref)).state_dict()
     assert next(iter(wrapped)).startswith('module._orig_mod.')

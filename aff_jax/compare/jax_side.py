@@ -85,7 +85,7 @@ def run(model: Any, variables: Mapping[str, Any], case: Case, names: Names) -> R
         out, intermediates = _jitted(_eval_pass, jax.default_backend())(model, dict(variables),
                                                                          inputs)
         return Run(_activations(intermediates, out))
-    params, stats = variables['params'], variables.get('batch_stats', {})
+    params, stats = variables.get('params', {}), variables.get('batch_stats', {})
     labels = jnp.asarray(case.labels)
     result = None
     train_pass = _jitted(_train_pass, jax.default_backend())

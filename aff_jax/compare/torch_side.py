@@ -61,7 +61,8 @@ def _train(net: Any, inputs: list, case: Case, records: list[tuple[str, np.ndarr
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
                                                  labels.reshape(-1))
         net.zero_grad()
-        loss.backward()
+        if any(p.requires_grad for p in params.values()):  # else nothing to differentiate
+            loss.backward()
         if result is None:
             result = Run(records + [(OUTPUT, nchw_to_nhwc(out.detach().numpy()))],
                          stats={k: v.clone().numpy() for k, v in net.state_dict().items()

@@ -52,7 +52,9 @@ def from_state_dict(model: nn.Module, state_dict: Mapping[str, Any],
     ten of each. ``inputs``: abstract inputs for ``model.init`` when they cannot be derived
     (see ``naming.example_inputs``).
     """
-    found = _find_state_dict(state_dict, 'the dict given to from_state_dict')
+    # A module without variables (``add``) has an empty state_dict.
+    found = state_dict if not state_dict else _find_state_dict(
+        state_dict, 'the dict given to from_state_dict')
     return naming.to_flax(model, _without_wrapper_prefixes(found), CONVENTION, inputs)
 
 
