@@ -39,6 +39,7 @@ Paper and official code disagree in two places; both behaviours are options:
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -395,6 +396,24 @@ def create(name: str, /, **kwargs: Any) -> nn.Module:
 FusionFactory = Callable[..., nn.Module]
 
 
+@dataclasses.dataclass(frozen=True)
+class Factory:
+    """``Factory(cls, fields)(**kwargs)`` builds ``cls(**fields, **kwargs)``, ``kwargs``
+    winning. Equal factories compare equal, so two hosts built alike are equal modules and
+    share their compiled programs (``jax.jit`` takes a module as a static argument by value)."""
+    cls: type[nn.Module]
+    fields: tuple[tuple[str, Any], ...]
+
+    def __call__(self, **module_kwargs: Any) -> nn.Module:
+        return self.cls(**{**dict(self.fields), **module_kwargs})
+
+    def __hash__(self) -> int:
+        try:
+            return hash((self.cls, self.fields))
+        except TypeError:  # an unhashable field value; equal factories still hash alike
+            return hash(self.cls)
+
+
 def factory(name: str, host_defaults: dict[str, Any] | None = None,
             **options: Any) -> FusionFactory:
     """A fusion factory for a host network: ``factory(...)(name='fuse_mode')`` builds the module;
@@ -409,8 +428,4 @@ def factory(name: str, host_defaults: dict[str, Any] | None = None,
     merged = {k: v for k, v in (host_defaults or {}).items() if k in fields}
     merged.update(options)
     create(name, **merged)  # validates the options now rather than at trace time
-
-    def make(**module_kwargs: Any) -> nn.Module:
-        return cls(**{**merged, **module_kwargs})
-
-    return make
+    return Factory(cls, tuple(sorted(merged.items())))
