@@ -22,9 +22,8 @@ convolution gradients, and there both implementations lower to the same operatio
 A map with fewer pixels than the kernel has taps (the 2x2 last stage of an ImageNet ResNet at
 64x64 input) is convolved as one product of its stacked taps, in both implementations: XLA
 would swap the operands of that convolution, a ~25x slower kernel on CPU. So is a grouped
-convolution in float64, whose gradient XLA:CPU computed ~300x slower than that product (a
-ResNeXt stage of 32 groups: 2.1 s against 7 ms), which made a float64 comparison of a ResNeXt
-take minutes.
+convolution in float64, whose gradient XLA:CPU computed 200-470x slower than that product
+(BENCHMARKS.md), which made a float64 comparison of a ResNeXt take minutes.
 
 The two implementations differ in float32 rounding of the gradients (not their values beyond
 1e-5), and so in the trajectory of a long run; training configs choose with

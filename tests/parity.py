@@ -73,7 +73,8 @@ def float64_diffs(model, variables, reference_fn, x, *, names, mode='eval', step
     unused = [name for name in set(ours.grads) - set(ref.grads) - set(ref.stats)
               if not np.array_equal(ours.grads[name], ours.stats[name])]
     assert all(not np.any(ours.grads[name]) for name in unused), sorted(unused)
-    diffs += [Diff('stat', name, _rel(ours.stats[name], value)) for name, value in ref.stats.items()]
+    diffs += [Diff('stat', name, _rel(ours.stats[name], value))
+              for name, value in ref.stats.items()]
     zero = zero_gradient_names(variables) if mode == 'train' else set()
     for name, value in ref.grads.items():
         if name in zero:

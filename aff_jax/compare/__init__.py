@@ -14,8 +14,9 @@ in float64), where two faithful implementations agree to ~1e-12, and, as informa
 run in the model's own dtype against the reference's float32 run, with each side's own
 float32-vs-float64 noise: deep train-mode networks amplify float32 rounding (a value within
 rounding of a ReLU's zero or a max-pool tie flips one way in one framework and the other way in
-the other) beyond any float32 noise estimate, so float32 rows cannot decide. :func:`first_divergence`
-names the first row whose float64 difference exceeds what it allows (:mod:`aff_jax.compare.table`).
+the other) beyond any float32 noise estimate, so float32 rows cannot decide.
+:func:`first_divergence` names the first row whose float64 difference exceeds what it allows
+(:mod:`aff_jax.compare.table`).
 
 ``python -m aff_jax.compare`` is the command line over this (see ``cli``).
 """
@@ -80,14 +81,16 @@ def compare(model: Any, variables: Mapping[str, Any], reference_fn: Callable[[Ca
                      seed=seed)
     ours, ours64 = jax_side.run(model, variables, case, names), jax_side.run_float64(
         model, variables, case, names)
-    shaken = jax_side.run_float64(model, variables, perturbed(case, seed), names)
+    moved = perturbed(case, seed)
+    ours_moved = jax_side.run_float64(model, variables, moved, names)
     reference, reference64 = reference_fn(case, 'float32'), reference_fn(case, 'float64')
+    reference_moved = reference_fn(moved, 'float64')
     dtype = jnp.dtype(getattr(model, 'dtype', jnp.float32)).name
     scale = noise_scale(dtype)
     tolerance64 = default_tolerance64(depth(variables))
 
     def rows(kind, runs, order, strict):
-        mine, mine64, moved, ref, ref64 = runs
+        mine, mine64, mine_moved, ref, ref64, ref_moved = runs
         result = []
         for name in order:
             if name not in mine:
@@ -99,12 +102,16 @@ def compare(model: Any, variables: Mapping[str, Any], reference_fn: Callable[[Ca
             b, b64 = np.asarray(ref[name]), np.asarray(ref64[name])
             if a.shape != b.shape:
                 raise ValueError(f'{kind} {name}: JAX shape {a.shape} != reference {b.shape}')
+            # Each side's own: the two compute in other orders, and either may amplify its
+            # rounding where the other does not.
+            noise64 = max(max_diff(np.asarray(mine_moved[name]), a64)[1],
+                          max_diff(np.asarray(ref_moved[name]), b64)[1])
             result.append(Row(kind, name, tuple(b.shape), max_diff(a64, b64)[1], tolerance64,
-                              max_diff(np.asarray(moved[name]), a64)[1], *max_diff(a, b),
-                              max_diff(b, b64)[1] * scale, max_diff(a, a64)[1]))
+                              noise64, *max_diff(a, b), max_diff(b, b64)[1] * scale,
+                              max_diff(a, a64)[1]))
         return result
 
-    runs = (ours, ours64, shaken, reference, reference64)
+    runs = (ours, ours64, ours_moved, reference, reference64, reference_moved)
     table = rows('activation', [dict(run.activations) for run in runs],
                  [name for name, _ in reference.activations], strict=False)
     table += rows('stat', [run.stats for run in runs], list(reference.stats), True)
@@ -120,8 +127,8 @@ def compare(model: Any, variables: Mapping[str, Any], reference_fn: Callable[[Ca
 def perturbed(case: Case, seed: int = 0, ulps: float = 4.0) -> Case:
     """``case`` with float64 inputs, each element moved by up to ``ulps`` units in the last
     place (uniformly, from ``seed``): how far a float64 run then moves estimates the rounding
-    its function amplifies at each quantity (every op's rounding is such a perturbation of
-    what follows it)."""
+    that run amplifies at each quantity (every op's rounding is such a perturbation of what
+    follows it)."""
     rng = np.random.default_rng(seed)
     inputs = tuple(np.asarray(x, np.float64) * (1.0 + rng.uniform(-ulps, ulps, np.shape(x)) * EPS64)
                    for x in case.inputs)

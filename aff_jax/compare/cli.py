@@ -132,7 +132,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument('--seed', type=int, default=0, help='input and labels')
     parser.add_argument('--tolerance', type=float, default=None,
                         help='float64 max rel diff always allowed (default: conv/dense layers '
-                             'x 2^12 x float64 machine epsilon, ~1e-10 for a ResNet-50)')
+                             'x 2^13 x float64 machine epsilon, ~2e-10 for a ResNet-50)')
     parser.add_argument('--perturb', metavar='KEY', default=None,
                         help='add 1.0 to the first element of this weight on the reference side '
                              '(to see where a known difference surfaces)')

@@ -7,7 +7,7 @@ flip far beyond any float32 noise estimate, while in float64 it does not happen.
 diverges when its float64 relative difference exceeds :meth:`Row.allowed`: the comparison's
 tolerance ``T`` (:func:`default_tolerance64`, from float64's machine epsilon and the model's
 depth), or :data:`NOISE_FACTOR64` times the row's float64 rounding estimate ``noise64``: how
-far the JAX float64 run moves when its inputs move by a few units in the last place. That
+far either side's float64 run moves when its inputs move by a few units in the last place. That
 estimate decides only where the function itself amplifies rounding beyond ``T``: a gradient
 that is zero but for rounding (a conv bias feeding a train-mode BatchNorm), or a BatchNorm
 over two nearly equal values (batch 2 on a 1x1 map), whose float64 result the two sides can
@@ -23,13 +23,14 @@ import numpy as np
 
 EPS64 = float(np.finfo(np.float64).eps)
 # T per conv/dense layer, in units of float64's machine epsilon (2^-52): with D layers
-# T = D * 2^12 * 2^-52, 9.1e-11 for a 100-layer model. Faithful float64 rows measured here
-# stay ~100x below it (RESULTS.md); a real difference (a perturbed weight, BN momentum, the
-# running-variance rule) is 1e-6 or more.
-DEPTH_FACTOR64 = 2.0 ** 12
+# T = D * 2^13 * 2^-52, 1.8e-10 for a 100-layer model. Faithful float64 rows where T applies
+# stayed 7x to 100x below it in full-depth presets (RESULTS.md); a real difference (a perturbed
+# weight, BN momentum, the running-variance rule) is 1e-6 or more.
+DEPTH_FACTOR64 = 2.0 ** 13
 # How many times its float64 rounding estimate a row may differ: the estimate is one sample of
-# rounding, and the two sides round in other orders than one run does twice.
-NOISE_FACTOR64 = 100.0
+# rounding per side, and the two sides round in other orders than one run does twice (rows
+# reached 45x it against Gluon, RESULTS.md).
+NOISE_FACTOR64 = 1000.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,8 +44,9 @@ class Row:
     the reference's layout). Relative differences are ``max |a - b| / max(max |a|, max |b|)``.
 
     The verdict: ``max_rel64``, JAX float64 against the reference float64; ``tolerance64``, the
-    comparison's ``T``; ``noise64``, the float64 rounding estimated at this row: the JAX
-    float64 run on inputs moved by a few units in the last place against it on the inputs.
+    comparison's ``T``; ``noise64``, the float64 rounding estimated at this row: the larger of
+    each side's float64 run on inputs moved by a few units in the last place against its run
+    on the inputs.
     Information: ``max_abs`` and ``max_rel``, JAX in its own dtype against the reference's
     float32 run; ``noise_rel``, the reference's float32 against its float64 run, scaled to the
     JAX run's precision (:func:`noise_scale`); ``jax_noise_rel``, the JAX run against JAX's
@@ -114,7 +116,8 @@ def format_table(rows: Sequence[Row], dtype: str = 'float32',
     if tolerance is None and rows:
         t = rows[0].tolerance64
         depth = round(t / (DEPTH_FACTOR64 * EPS64))
-        t_text = f'{t:.2e} ({depth} conv/dense layers x 2^{np.log2(DEPTH_FACTOR64):g} x float64 eps)'
+        t_text = (f'{t:.2e} ({depth} conv/dense layers x 2^{np.log2(DEPTH_FACTOR64):g} x '
+                  f'float64 eps)')
     else:
         t_text = f'{tolerance or 0.0:.2e}'
     scaled = '' if dtype == 'float32' else f' x {noise_scale(dtype):g} ({dtype} / float32 eps)'

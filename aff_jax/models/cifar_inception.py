@@ -88,9 +88,10 @@ class CIFARInceptionResNet(nn.Module):
     global average pool and a dense head. ``cifar_inception_resnet20``: layers (3, 3, 3),
     channels (16, 16, 32, 64), the CIFAR ResNet-20 layout (stem, 18 cells, head).
 
-    Input (N, H, W, 3), output (N, num_classes) float32 logits, or with ``features_only`` the
-    stage outputs (reductions 1, 2, 4 for three stages), ``out_indices`` picking some; the last
-    one is taken after the final BN-ReLU (``final_bn``), as for the other pre-activation host.
+    Input (N, H, W, 3), output (N, num_classes) logits (at least float32), or with
+    ``features_only`` the stage outputs (reductions 1, 2, 4 for three stages), ``out_indices``
+    picking some; the last one is taken after the final BN-ReLU (``final_bn``), as for the
+    other pre-activation host.
     """
     layers: Sequence[int]
     channels: Sequence[int]

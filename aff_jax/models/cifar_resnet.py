@@ -75,10 +75,11 @@ class CIFARAFFResNet(nn.Module):
     ``fusion_order``: ``'paper'`` (X = identity, Y = residual) or ``'official'`` (the official
     code's order, which its presets keep so that their weights load); see
     :func:`aff_jax.models.residual.short_skip_pair`.
-    Input (N, H, W, 3), output (N, num_classes) float32 logits, or with ``features_only`` the
-    stage outputs (reductions 1, 2, 4 for three stages), ``out_indices`` picking some. The
-    last stage's output is taken after the final BN-ReLU (``features.<last>``), as timm does
-    for pre-activation networks, so the features model holds every variable but the head.
+    Input (N, H, W, 3), output (N, num_classes) logits (at least float32), or with
+    ``features_only`` the stage outputs (reductions 1, 2, 4 for three stages), ``out_indices``
+    picking some. The last stage's output is taken after the final BN-ReLU
+    (``features.<last>``), as timm does for pre-activation networks, so the features model holds
+    every variable but the head.
     """
     layers: Sequence[int]
     channels: Sequence[int]

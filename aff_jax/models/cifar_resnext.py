@@ -24,7 +24,7 @@ class CIFARAFFResNeXt(nn.Module):
     ``channels * 2**i`` (outputs 4x that), every first block with an avg-down projection
     (stage 1's pool has size 1); ``fusion_order`` as in
     :class:`aff_jax.models.resnext.ResNeXtBlock`. Input (N, H, W, 3), output
-    (N, num_classes) float32 logits, or with ``features_only`` the stage outputs
+    (N, num_classes) logits (at least float32), or with ``features_only`` the stage outputs
     (reductions 1, 2, 4), ``out_indices`` picking some."""
     layers: Sequence[int]
     fusion: FusionFactory

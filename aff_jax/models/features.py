@@ -45,9 +45,9 @@ def check_out_indices(out_indices: Sequence[int] | None, num_stages: int) -> tup
 
 def head_or_features(host: Any, stages: Sequence[jax.Array]) -> Any:
     """What a host returns from its stage outputs ``stages`` (finest first): the selected maps
-    when ``host.features_only``, else ``(N, num_classes)`` logits (at least float32) of the global average
-    pool of the last one through the dense head ``host.head``. Call it from the host's compact
-    ``__call__`` so that the head belongs to the host."""
+    when ``host.features_only``, else ``(N, num_classes)`` logits (at least float32) of the
+    global average pool of the last one through the dense head ``host.head``. Call it from the
+    host's compact ``__call__`` so that the head belongs to the host."""
     if host.features_only:
         return tuple(stages[i] for i in check_out_indices(host.out_indices, len(stages)))
     pooled = global_avg_pool(stages[-1], keepdims=False)

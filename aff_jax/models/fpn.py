@@ -22,7 +22,7 @@ from aff_jax.models.decoder_blocks import ConvBNReLU, pixel_logits
 
 
 class FPN(nn.Module):
-    """Input (N, H, W, 3) NHWC; output (N, H, W, num_classes) float32 logits.
+    """Input (N, H, W, 3) NHWC; output (N, H, W, num_classes) logits (at least float32).
 
     ``backbone``: a ``features_only`` host returning its stage maps finest first.
     ``long_skip``: builds the long-skip step, ``long_skip(channels, name=...)``, e.g. a

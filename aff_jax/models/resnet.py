@@ -58,7 +58,7 @@ class AFFResNet(nn.Module):
     """ImageNet ResNet-V1b with deep stem (3x3 convs ``stem_width``, ``stem_width``,
     2 * ``stem_width``), avg-down projections (stage 1's pool has size 1) and fusion from
     ``start_layer`` on (``fusion_order`` as in :class:`Bottleneck`). Input (N, H, W, 3),
-    output (N, num_classes) float32 logits, or with ``features_only`` the outputs of
+    output (N, num_classes) logits (at least float32), or with ``features_only`` the outputs of
     ``layer1`` .. ``layer4`` (reductions 4, 8, 16, 32), ``out_indices`` picking some."""
     layers: Sequence[int]
     fusion: FusionFactory

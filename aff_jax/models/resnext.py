@@ -95,8 +95,8 @@ class AFFResNeXt(nn.Module):
     """ImageNet ResNeXt with deep stem (3x3 convs: ``stem_width``, ``stem_width``,
     2 * ``stem_width``), max-pool, avg-down shortcuts from stage 2 on, fusion from
     ``start_layer`` on (``fusion_order`` as in :class:`ResNeXtBlock`). Input (N, H, W, 3),
-    output (N, num_classes) float32 logits, or with ``features_only`` the stage outputs
-    (reductions 4, 8, 16, 32), ``out_indices`` picking some."""
+    output (N, num_classes) logits (at least float32), or with ``features_only`` the stage
+    outputs (reductions 4, 8, 16, 32), ``out_indices`` picking some."""
     layers: Sequence[int]
     fusion: FusionFactory
     cardinality: int = 32

@@ -70,9 +70,9 @@ class _Block(nn.Module):
 
 class TVResNet(nn.Module):
     """torchvision ResNet with a fusion at every short skip (``fusion_order`` as in
-    :class:`_Block`). Input (N, H, W, 3) NHWC, output (N, num_classes) float32 logits, or with
-    ``features_only`` the outputs of ``layer1`` .. ``layer4`` (reductions 4, 8, 16, 32; 2, 4,
-    8, 16 with ``small_input``), ``out_indices`` picking some.
+    :class:`_Block`). Input (N, H, W, 3) NHWC, output (N, num_classes) logits (at least
+    float32), or with ``features_only`` the outputs of ``layer1`` .. ``layer4`` (reductions 4,
+    8, 16, 32; 2, 4, 8, 16 with ``small_input``), ``out_indices`` picking some.
 
     ``small_input`` replaces the 7x7 stride-2 stem by a 3x3 stride-1 one (the max-pool stays,
     as in the port).

@@ -22,7 +22,7 @@ DEFAULT_MAX_WIDTH = 256
 
 
 class UNet(nn.Module):
-    """Input (N, H, W, 3) NHWC; output (N, H, W, num_classes) float32 logits.
+    """Input (N, H, W, 3) NHWC; output (N, H, W, num_classes) logits (at least float32).
 
     ``long_skip``: builds the long-skip step, ``long_skip(channels, name=...)`` (see
     :class:`FPN`). ``decoder_channels``: the decoder's width at each backbone stage but the
