@@ -150,7 +150,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     first = compare_lib.first_divergence(rows, args.tolerance)
     if args.json:
         print(json.dumps({'rows': [dataclasses.asdict(r) for r in rows], 'dtype': args.dtype,
-                          'tolerance64': args.tolerance or (rows[0].tolerance64 if rows else None),
+                          'tolerance64': (args.tolerance if args.tolerance is not None
+                                          else rows[0].tolerance64 if rows else None),
                           'first_divergence': dataclasses.asdict(first) if first else None}))
     else:
         print(compare_lib.format_table(rows, args.dtype, args.tolerance))
