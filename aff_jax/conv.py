@@ -45,7 +45,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from aff_jax import stored_once
+from aff_jax import precision, stored_once
 
 _DIMENSIONS = ('NHWC', 'HWIO', 'NHWC')
 
@@ -239,7 +239,7 @@ def weight_gradient(x: jax.Array, g: jax.Array, kernel_shape: tuple[int, ...],
     xt = jnp.transpose(jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0))), (3, 0, 1, 2))
     xt = xt.reshape(groups, cin_g, *xt.shape[1:])
     g_groups = g.reshape(n * h_out * w_out, groups, cout // groups)
-    accumulate = jnp.promote_types(jnp.result_type(x, g), jnp.float32)
+    accumulate = precision.at_least_float32(jnp.result_type(x, g))
     taps = []
     for i in range(kh):
         for j in range(kw):

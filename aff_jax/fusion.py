@@ -22,7 +22,8 @@ records its first-stage gate as ``initial_gate``), and every context branch reco
 as ``logits`` under its own path (``local_att``: ``(N, H, W, C)``, ``global_att``:
 ``(N, 1, 1, C)``; a branch called twice, iAFF's ``global_att`` with ``reuse_global``, records
 two). Without that collection mutable nothing is recorded and nothing extra is traced, so the
-compiled programs of training and evaluation are those of the plain modules. ``aff_jax.explain.attention_maps`` collects the gates.
+compiled programs of training and evaluation are those of the plain modules.
+``aff_jax.explain.attention_maps`` collects the gates.
 
 Submodule names follow the official code so weights map one-to-one onto the PyTorch port's
 ``state_dict`` and the Gluon ``.params`` names: ``local_att`` (children ``0`` conv, ``1`` BN,

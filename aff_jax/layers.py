@@ -117,8 +117,8 @@ class BatchNorm(nn.Module):
 
     Statistics and normalisation are computed in at least float32 (float64 for a float64
     ``dtype``, :mod:`aff_jax.precision`); the output is cast to ``dtype``, and the running
-    statistics are stored in at least float32 of ``param_dtype``. ``momentum`` is the running-average decay (PyTorch momentum 0.1 == 0.9
-    here == Gluon's default 0.9).
+    statistics are stored in at least float32 of ``param_dtype``. ``momentum`` is the
+    running-average decay (PyTorch momentum 0.1 == 0.9 here == Gluon's default 0.9).
 
     ``stats_rule`` reproduces the source framework's running-statistics update:
 
@@ -302,7 +302,7 @@ def avg_pool_ceil(x: jax.Array, size: int) -> jax.Array:
 def global_avg_pool(x: jax.Array, keepdims: bool = True) -> jax.Array:
     """(N, H, W, C) -> (N, 1, 1, C), or (N, C) without ``keepdims``; the mean accumulated in at
     least float32."""
-    return jnp.mean(x.astype(jnp.promote_types(x.dtype, jnp.float32)), axis=(1, 2),
+    return jnp.mean(x.astype(precision.at_least_float32(x.dtype)), axis=(1, 2),
                     keepdims=keepdims).astype(x.dtype)
 
 

@@ -64,7 +64,7 @@ def _train_pass(model: Any, params: Any, stats: Any, inputs: tuple, labels: jax.
     def loss(params):
         out, state = model.apply({'params': params, 'batch_stats': stats}, *inputs, train=True,
                                  capture_intermediates=True, mutable=['batch_stats', 'intermediates'])
-        logits = out.astype(jnp.promote_types(out.dtype, jnp.float32))
+        logits = out.astype(precision.at_least_float32(out.dtype))
         value = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
         return value.mean(), (out, state['intermediates'], state['batch_stats'])
 

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from aff_jax import precision
 from aff_jax.data.pipeline import IGNORE_LABEL
 
 Batch = dict[str, jax.Array]
@@ -37,7 +38,7 @@ def smoothed_one_hot(labels: jax.Array, num_classes: int, eta: float) -> jax.Arr
 
 def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
     """(..., K) logits and (..., K) target distributions -> (...) losses, in at least float32."""
-    logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
+    logits = logits.astype(precision.at_least_float32(logits.dtype))
     return -jnp.sum(targets * jax.nn.log_softmax(logits), axis=-1)
 
 
