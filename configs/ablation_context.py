@@ -28,6 +28,12 @@ the plateau of these tasks (measured, AFF, seed 0: same layer 9.8% / 14.8% / 78.
 300 / 400 steps; long skip 48.0% mIoU (the all-background score) after 200 steps at widths
 8-8-16-32 (pyramid 16), 49.6% / 77.2% after 150 / 250 steps at 16-16-32-64).
 
+Real CIFAR-10 (``same_layer,cifar10``, ``short_skip,cifar10``): configs/cifar10_fast.py's
+recipe (about 13 minutes a run on 2 CPU cores) with the hosts at the paper's CIFAR depth
+for that budget, 3 blocks per stage at widths 16-16-32-64 (the same-layer host is then the
+paper's Inception-ResNet-20), on TFDS ``cifar10`` or ``--config.base.dataset=imagefolder:PATH``
+(the JPEG copy). One evaluation, at the end (with the recipe's mirror-image averaging).
+
 Paper scale (``SCENARIO,paper``, for an accelerator): CIFAR-100 with the official open-aff
 recipe (configs/cifar100_aff_resnet32.py: batch 512, 640 epochs, Nesterov SGD lr 0.2 cosine,
 mixup, label smoothing) on the paper's hosts, Inception-ResNet-20 (3 blocks per stage, widths
@@ -84,49 +90,59 @@ SHORT_SKIP_X2 = ('aff_global_global', 'aff_local_local', 'aff', 'sk')
 SEEDS = (0, 1, 2)
 R = 4
 SCENARIOS = ('same_layer', 'short_skip', 'long_skip')
-PAPER = 'paper'
-ARGS = (*SCENARIOS, *(f'{scenario},{PAPER}' for scenario in SCENARIOS))
+LAPTOP, PAPER, CIFAR10 = 'laptop', 'paper', 'cifar10'  # the scales; laptop has no suffix
+# Real CIFAR-10 has no segmentation labels: no long skip at that scale.
+ARGS = (*SCENARIOS, *(f'{scenario},{PAPER}' for scenario in SCENARIOS),
+        *(f'{scenario},{CIFAR10}' for scenario in SCENARIOS if scenario != 'long_skip'))
 # Paper scale, long skip: 100 epochs of the 2,000 aff_stopsign training scenes at batch 16.
 LONG_SKIP_PAPER_STEPS = 100 * 2000 // 16
 
 _CONFIGS = pathlib.Path(__file__).parent
 
 
-def parse_arg(arg: str | None, file: str) -> tuple[str, bool]:
-    """``(scenario, paper)`` of the config argument ``SCENARIO`` or ``SCENARIO,paper``; any
-    other is a one-line ConfigError (a ValueError) listing the valid ones."""
-    scenario, comma, scale = (arg or '').partition(',')
-    if scenario not in SCENARIOS or (comma and scale != PAPER):
+def parse_arg(arg: str | None, file: str) -> tuple[str, str]:
+    """``(scenario, scale)`` of the config argument ``SCENARIO`` (scale ``LAPTOP``) or
+    ``SCENARIO,SCALE``; any other is a one-line ConfigError (a ValueError) listing the valid
+    ones."""
+    if arg not in ARGS:
         raise ConfigError(f'{file} takes the scenario as its argument ({file}:ARG), ARG one '
                           f'of {", ".join(map(repr, ARGS))}; got {arg!r}')
-    return scenario, bool(comma)
+    scenario, _, scale = arg.partition(',')
+    return scenario, scale or LAPTOP
 
 
-def scenario_base(scenario: str, paper: bool) -> ml_collections.ConfigDict:
-    """The training config every cell of ``scenario`` starts from (model, data, sizes and
-    schedule); the sweep's grid then sets ``fusion`` and ``seed``."""
+# Per scale: the recipe a CIFAR host's cells start from, and the host sizes
+# (same layer, short skip) as (layers, channels).
+_CIFAR_SCALES = {
+    LAPTOP: ('quickstart.py', ((1, 1, 1), (8, 8, 16, 32)), ((1, 1, 1), (8, 8, 16, 32))),
+    PAPER: ('cifar100_aff_resnet32.py', ((3, 3, 3), (16, 16, 32, 64)),
+            ((5, 5, 5), (64, 64, 128, 256))),
+    CIFAR10: ('cifar10_fast.py', ((3, 3, 3), (16, 16, 32, 64)), ((3, 3, 3), (16, 16, 32, 64))),
+}
+
+
+def scenario_base(scenario: str, scale: str) -> ml_collections.ConfigDict:
+    """The training config every cell of ``scenario`` at ``scale`` starts from (model, data,
+    sizes and schedule); the sweep's grid then sets ``fusion`` and ``seed``."""
     if scenario == 'long_skip':
-        return _long_skip(paper)
-    if paper:
-        c = load_config(_CONFIGS / 'cifar100_aff_resnet32.py')  # the official recipe
-    else:
-        c = load_config(_CONFIGS / 'quickstart.py')  # its optimiser and 800 steps
+        return _long_skip(scale == PAPER)
+    recipe, same_layer, short_skip = _CIFAR_SCALES[scale]
+    c = load_config(_CONFIGS / recipe)
+    if scale == LAPTOP:  # the quick start's optimiser and 800 steps
         c.warmup_steps = 20  # the quick start's when RESULTS.md's runs were made (now 100)
         _evaluate_once(c)
     c.model_overrides = ml_collections.ConfigDict()
     if scenario == 'same_layer':
         c.model = 'cifar_inception_resnet20'
-        c.model_overrides.layers = (3, 3, 3) if paper else (1, 1, 1)
-        c.model_overrides.channels = (16, 16, 32, 64) if paper else (8, 8, 16, 32)
+        c.model_overrides.layers, c.model_overrides.channels = same_layer
     else:
         c.model = 'cifar_aff_resnet32'
-        c.model_overrides.layers = (5, 5, 5) if paper else (1, 1, 1)
-        c.model_overrides.channels = (64, 64, 128, 256) if paper else (8, 8, 16, 32)
+        c.model_overrides.layers, c.model_overrides.channels = short_skip
         c.model_overrides.start_layer = 1  # the fusion in every block
         c.model_overrides.fusion_order = 'paper'  # X = identity, Y = residual
-        # The official training's frozen input-BN statistics at paper scale; the quick
-        # start's batch-following ones at laptop scale (as RESULTS.md's runs were made).
-        c.model_overrides.freeze_input_stats = paper
+        # The official training's frozen input-BN statistics at paper scale; batch-following
+        # ones otherwise (as the quick start's and the CIFAR-10 recipe's).
+        c.model_overrides.freeze_input_stats = scale == PAPER
         # The preset's (official) factor 2 for every soft selection of both tables; see above.
         c.model_overrides.scheme_options = {name: {'scale': 2.0} for name in SHORT_SKIP_X2}
     c.model_overrides.r = R
@@ -153,9 +169,9 @@ def _evaluate_once(c: ml_collections.ConfigDict) -> None:
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    scenario, paper = parse_arg(arg, 'configs/ablation_context.py')
+    scenario, scale = parse_arg(arg, 'configs/ablation_context.py')
     c = ml_collections.ConfigDict()
-    c.base = scenario_base(scenario, paper)
+    c.base = scenario_base(scenario, scale)
     c.grid = ml_collections.ConfigDict(sort_keys=False)
     c.grid.fusion = FUSIONS
     c.grid.seed = SEEDS

@@ -8,8 +8,9 @@ iAFF, in one of the paper's three scenarios, seeds 0, 1, 2, r = 4::
     python -m train.sweep --config configs/ablation_integration.py:long_skip --workdir workdir/ablation_integration/long_skip
 
 The rows are README's mapping of the paper's rows to fusion names (``FUSIONS`` below, in the
-table's order). The scenarios, their laptop-scale sizes and the paper-scale variants
-(``SCENARIO,paper``, e.g. ``short_skip,paper``) are configs/ablation_context.py's (Table 3),
+table's order). The scenarios, their laptop-scale sizes, the paper-scale variants
+(``SCENARIO,paper``, e.g. ``short_skip,paper``) and the real CIFAR-10 ones (``same_layer,cifar10``,
+``short_skip,cifar10``) are configs/ablation_context.py's (Table 3),
 so a scheme in both tables is trained the same way in both; an unknown argument is a
 one-line error listing the valid ones.
 
@@ -58,9 +59,9 @@ def _scenarios():
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     scenarios = _scenarios()
-    scenario, paper = scenarios.parse_arg(arg, 'configs/ablation_integration.py')
+    scenario, scale = scenarios.parse_arg(arg, 'configs/ablation_integration.py')
     c = ml_collections.ConfigDict()
-    c.base = scenarios.scenario_base(scenario, paper)
+    c.base = scenarios.scenario_base(scenario, scale)
     c.grid = ml_collections.ConfigDict(sort_keys=False)
     c.grid.fusion = FUSIONS
     c.grid.seed = scenarios.SEEDS

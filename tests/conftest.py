@@ -24,6 +24,7 @@ import numpy as np  # noqa: E402
 import orbax.checkpoint as ocp  # noqa: E402
 import pytest  # noqa: E402
 from PIL import Image  # noqa: E402
+from aff_jax.training.metrics import WALL_CLOCK_METRICS  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # Unoptimised XLA code compiles about twice as fast (the 8-device sharding test's subprocess:
@@ -130,9 +131,13 @@ def image_folder(tmp_path_factory) -> pathlib.Path:
     return root
 
 
-def metric_rows(workdir: pathlib.Path) -> list[dict]:
-    """The rows of ``workdir/metrics.jsonl``."""
-    return [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
+def metric_rows(workdir: pathlib.Path, wall_clock: bool = False) -> list[dict]:
+    """The rows of ``workdir/metrics.jsonl``; without the wall-clock rates unless asked (the
+    values a resumed run does not repeat)."""
+    rows = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
+    if wall_clock:
+        return rows
+    return [{k: v for k, v in row.items() if k not in WALL_CLOCK_METRICS} for row in rows]
 
 
 def complete_steps(workdir: pathlib.Path) -> list[int]:

@@ -22,7 +22,8 @@ TABLE_FUSIONS = {
 }
 SEEDS = (0, 1, 2)
 SCENARIOS = ('same_layer', 'short_skip', 'long_skip')
-ARGS = (*SCENARIOS, *(f'{scenario},paper' for scenario in SCENARIOS))
+ARGS = (*SCENARIOS, *(f'{scenario},paper' for scenario in SCENARIOS),
+        'same_layer,cifar10', 'short_skip,cifar10')
 # Per scenario: model, dataset, and the sizes of the laptop and paper-scale models.
 MODEL = {'same_layer': 'cifar_inception_resnet20', 'short_skip': 'cifar_aff_resnet32',
          'long_skip': 'fpn_resnet20'}
@@ -42,6 +43,9 @@ PAPER_SIZES = {
     'short_skip': {'layers': (5, 5, 5), 'channels': (64, 64, 128, 256)},  # AFF-ResNet-32
     'long_skip': {'layers': (3, 3, 3), 'channels': (16, 16, 32, 64), 'pyramid_channels': 32},
 }
+# Real CIFAR-10: configs/cifar10_fast.py's schedule, both hosts at 3 blocks per stage.
+CIFAR10_SIZES = {'same_layer': {'layers': (3, 3, 3), 'channels': (16, 16, 32, 64)},
+                 'short_skip': {'layers': (3, 3, 3), 'channels': (16, 16, 32, 64)}}
 # The official CIFAR-100 recipe: 640 epochs of 50000 // 512 steps.
 PAPER_CIFAR_STEPS, PAPER_CIFAR_BATCH = 640 * (50_000 // 512), 512
 
@@ -77,10 +81,19 @@ def test_each_scenario_has_its_model_dataset_and_sizes(file, arg):
     config = cells_of(file, arg)[0].config
     overrides = config.model_overrides
     assert config.model == MODEL[scenario]
-    assert config.dataset == (PAPER_DATASET if paper else LAPTOP_DATASET)[scenario]
     assert overrides.r == 4
     if scenario == 'short_skip':  # the fusion in every block, X = identity, Y = residual
         assert overrides.start_layer == 1 and overrides.fusion_order == 'paper'
+    if scale == 'cifar10':
+        recipe = load_with_overrides(f'{REPO / "configs/cifar10_fast.py"}', [])
+        assert config.dataset == 'cifar10'
+        for key, value in CIFAR10_SIZES[scenario].items():
+            assert overrides[key] == value, key
+        for key in ('num_train_steps', 'batch_size', 'learning_rate', 'schedule', 'eval_flip',
+                    'eval_every_steps', 'label_smoothing', 'weight_decay'):
+            assert config[key] == recipe[key], key
+        return
+    assert config.dataset == (PAPER_DATASET if paper else LAPTOP_DATASET)[scenario]
     for key, value in (PAPER_SIZES if paper else LAPTOP_SIZES)[scenario].items():
         assert overrides[key] == value, key
     if paper and scenario != 'long_skip':
@@ -120,7 +133,7 @@ def test_every_soft_selection_of_a_scenario_blends_with_one_factor(arg):
 
 
 @pytest.mark.parametrize('arg', ['', 'short', 'paper', 'short_skip,tiny', 'short_skip,paper,x',
-                                 'Short_skip'])
+                                 'Short_skip', 'long_skip,cifar10'])
 @pytest.mark.parametrize('file', [CONTEXT, INTEGRATION])
 def test_an_unknown_argument_is_a_one_line_error_listing_the_valid_ones(file, arg):
     spec = f'{REPO / file}' + (f':{arg}' if arg else '')

@@ -49,6 +49,14 @@ def test_step_schedule_decays_at_absolute_steps():
         assert float(schedule(step)) == pytest.approx(expected, rel=1e-6), step
 
 
+def test_linear_schedule_is_one_cycle_warmup_then_linear_to_zero():
+    schedule = optimizer.make_schedule(_config(learning_rate=0.4, warmup_steps=20,
+                                               num_train_steps=100, schedule='linear'))
+    for step in (0, 5, 20, 40, 60, 99, 100):
+        expected = 0.4 * step / 20 if step < 20 else 0.4 * (100 - step) / 80
+        assert float(schedule(step)) == pytest.approx(expected, abs=1e-7), step
+
+
 def test_learning_rate_scales_with_the_global_batch():
     config = _config(learning_rate=0.075, lr_base_batch_size=512, batch_size=2048,
                      schedule='constant', warmup_steps=0)
@@ -57,7 +65,7 @@ def test_learning_rate_scales_with_the_global_batch():
 
 
 @pytest.mark.parametrize('values, key', [
-    (dict(schedule='linear'), 'config.schedule'),
+    (dict(schedule='one_cycle'), 'config.schedule'),
     (dict(warmup_steps=1000, num_train_steps=1000), 'config.warmup_steps'),
     (dict(schedule='step', lr_decay_boundaries=(50, 20)), 'config.lr_decay_boundaries'),
     (dict(lr_base_batch_size=0), 'config.lr_base_batch_size'),
@@ -247,6 +255,36 @@ def test_a_nonfinite_step_is_flagged_or_skipped_on_device(skip):
         assert 'train/skipped_updates' not in logged[0]
 
 
+class _TinySegmenter(nn.Module):
+    @nn.compact
+    def __call__(self, x, train=False):
+        return nn.Conv(3, (3, 3))(x) + x[..., :1] * jnp.arange(3.0)
+
+
+@pytest.mark.parametrize('model', [_TinyClassifier(), _TinySegmenter()])
+def test_eval_flip_averages_the_logits_of_the_mirror_images(model):
+    """(logits(x) + unmirrored logits(mirror(x))) / 2, from two plain applies; per-pixel
+    logits of the mirror image are mirrored back to their pixels."""
+    mesh = mesh_lib.make_mesh((1, 1))
+    images = np.random.default_rng(0).normal(size=(4, 6, 5, 3)).astype(np.float32)
+    tx = optimizer.make_optimizer(_config())
+    with jax.set_mesh(mesh):
+        init_fn, _, shardings = state_lib.state_layout(model, tx, (1, 6, 5, 3), mesh, [])
+        state = state_lib.create_state(init_fn, shardings, jax.random.key(0, impl='rbg'))
+        sharding = mesh_lib.batch_sharding(mesh)
+        plain, flipped = (steps.make_eval_step(model, lambda logits, _: logits, shardings,
+                                               sharding, flip)
+                          for flip in (False, True))
+        batch = {'image': jax.device_put(images, sharding)}
+        mirrored = {'image': jax.device_put(images[:, :, ::-1].copy(), sharding)}
+        got = np.asarray(flipped(state, batch))
+        once, other = np.asarray(plain(state, batch)), np.asarray(plain(state, mirrored))
+    if other.ndim == 4:
+        other = other[:, :, ::-1]
+        assert not np.allclose(once, other, atol=1e-3)  # the mirror image is another input
+    np.testing.assert_allclose(got, (once + other) / 2, rtol=1e-5, atol=1e-6)
+
+
 def test_bfloat16_training_keeps_float32_state_and_follows_float32():
     """dtype='bfloat16': convolutions run in bf16, while parameters, BatchNorm statistics and
     optimizer state stay float32 (master weights); one step on the same batch and weights gives
@@ -395,6 +433,7 @@ SWEEP_CONFIGS = ('ablation_context.py', 'ablation_integration.py', 'pointing_gam
     *((p.name, ()) for p in sorted((REPO / 'configs').glob('*.py'))
       if p.name not in SWEEP_CONFIGS),
     ('cifar100_aff_resnet32.py', ('step',)),
+    ('cifar10_fast.py', ('gpu',)),
 ])
 def test_every_shipped_config_is_valid_and_builds_its_model(path, args):
     config = load_config(REPO / 'configs' / path, *args)

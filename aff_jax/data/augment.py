@@ -26,7 +26,13 @@ Kinds of augmentation (`AUGMENTS`):
 'cifar' and 'none' keep the stored size, so every image must already be `size` x `size`.
 The classification kinds move the image alone, so segmentation takes 'segmentation' or
 'none' (`TASK_AUGMENTS`).
+
+A classification kind may add a `auto_augment.Policy` (AutoAugment, RandAugment) in training:
+it runs on the image the kind produced (after crop and flip, as torchvision and timm order
+them; the official Gluon scripts run it before the crop, on the stored image).
 """
+
+from __future__ import annotations
 
 import dataclasses
 import math
@@ -35,6 +41,7 @@ import grain
 import numpy as np
 from PIL import Image
 
+from aff_jax.data.auto_augment import Policy
 from aff_jax.data.sources import IGNORE_LABEL
 
 AUGMENTS = ('cifar', 'imagenet', 'none', 'segmentation')
@@ -192,6 +199,7 @@ class TrainAugment(grain.transforms.RandomMap):
 
     kind: str
     size: int
+    policy: Policy | None = None
 
     def random_map(self, element, rng: np.random.Generator):
         image = element['image']
@@ -208,6 +216,8 @@ class TrainAugment(grain.transforms.RandomMap):
             image = pad_and_crop(image, CIFAR_PAD, top, left)
         if self.kind != 'none' and rng.random() < 0.5:
             image = flip_left_right(image)
+        if self.policy is not None:
+            image = self.policy(image, rng)
         return {'image': image, 'label': element['label']}
 
     def _segmentation(self, image, label, rng):

@@ -136,6 +136,7 @@ def make_dataset(
     num_epochs=None,
     worker_count: int = 0,
     augment_kind=None,
+    policy: augment.Policy | None = None,
     num_classes=None,
     start_batch: int = 0,
     skip_bad_files=False,
@@ -151,6 +152,8 @@ def make_dataset(
     process_index/process_count: this process's shard (default: jax's).
     worker_count: grain worker processes (0: threads in this process).
     augment_kind: overrides `info.augment`, one of `augment.TASK_AUGMENTS[info.task]`.
+    policy: an `auto_augment.Policy` run after the augmentation in training (classification
+      kinds other than 'none' only); evaluation ignores it.
     num_classes: for 'segfolder:' names only (see `sources`); other datasets ignore it.
     start_batch: training only; the first batch is the global batch of this index (step), as
       if `start_batch` batches had been read.
@@ -175,6 +178,12 @@ def make_dataset(
     info = dataset.info
     kind = _resolve_augment(info, augment_kind)
     size = _resolve_image_size(info, kind, image_size)
+    if policy is not None and kind not in ('cifar', 'imagenet'):
+        raise ValueError(f'augmentation policy {policy.name!r} needs augment_kind cifar or '
+                         f'imagenet (classification), not {kind!r}')
+    if policy is not None and info.image_shape[2] != 3:
+        raise ValueError(f'augmentation policy {policy.name!r} needs RGB images, but the '
+                         f'dataset has {info.image_shape[2]} channel(s)')
     normalize = augment.Normalize(info.mean, info.std)
     records = dataset.splits[split]
     if len(records) == 0:
@@ -183,7 +192,7 @@ def make_dataset(
     if train:
         shuffle_seed, augment_seed = np.random.SeedSequence(seed).generate_state(2)
         stream = records.shuffle(int(shuffle_seed)).repeat(num_epochs)
-        stream = stream.random_map(augment.TrainAugment(kind, size), seed=int(augment_seed))
+        stream = stream.random_map(augment.TrainAugment(kind, size, policy), seed=int(augment_seed))
         global_batch = batch_size * process_count
         if num_epochs is not None:
             stream = stream[:len(stream) // global_batch * global_batch]

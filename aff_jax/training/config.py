@@ -52,6 +52,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.data_dir = config_dict.placeholder(str)
     c.image_size = config_dict.placeholder(int)  # None: the dataset's own size
     c.data_workers = 0  # grain worker processes per host
+    # Training augmentation: 'default' (the dataset's own: pad-crop-flip for small images, the
+    # Inception crop for larger ones, scale-crop-flip for segmentation), 'none', or that default
+    # followed by 'autoaugment_cifar10', 'autoaugment_imagenet' or 'randaugment' (which applies
+    # randaugment_num_ops ops at level randaugment_magnitude of 31; aff_jax.data.auto_augment).
+    c.augment = 'default'
+    c.randaugment_num_ops = 2
+    c.randaugment_magnitude = 9
     # Folder datasets are checked file by file before step 1; True trains without the files
     # that fail (each is logged) instead of stopping with the list.
     c.skip_bad_files = False
@@ -59,12 +66,15 @@ def base_config() -> ml_collections.ConfigDict:
     # Batch sizes are global (all processes together) and split over the mesh 'data' axis.
     c.batch_size = 128
     c.eval_batch_size = 256
+    # Test-time augmentation: evaluate on each image and its mirror image, averaging logits.
+    c.eval_flip = False
     c.num_train_steps = 1000
 
     # Optimizer: SGD with (Nesterov) momentum and coupled L2 weight decay, as Gluon's 'nag'.
     c.learning_rate = 0.1
     c.lr_base_batch_size = config_dict.placeholder(int)  # set: lr * batch_size / this
-    c.schedule = 'cosine'  # 'cosine' | 'step' | 'constant', each after a linear warmup
+    # 'cosine' | 'linear' | 'step' | 'constant', each after a linear warmup
+    c.schedule = 'cosine'
     c.warmup_steps = 0
     c.lr_decay_boundaries = ()  # 'step': absolute steps where lr *= lr_decay_factor
     c.lr_decay_factor = 0.1

@@ -27,7 +27,7 @@ import numpy as np
 import aff_jax
 from aff_jax import conv as conv_lib
 from aff_jax import host_memory
-from aff_jax.data import pipeline
+from aff_jax.data import auto_augment, pipeline
 from aff_jax.data.sources import SPLITS
 from aff_jax.training import mesh as mesh_lib
 from aff_jax.training import optimizer as optimizer_lib
@@ -37,7 +37,8 @@ from aff_jax.training import compile_cache, steps, summary, tasks
 from aff_jax.training.checkpoint import Checkpointer
 from aff_jax.training.config import changed_keys
 from aff_jax.training.errors import ConfigError, Diverged, RunError, disk_full
-from aff_jax.training.metrics import METRICS_FILE, MetricsWriter, ProgressBar, read_metrics
+from aff_jax.training.metrics import (METRICS_FILE, MetricsWriter, ProgressBar, Throughput,
+                                      read_metrics)
 from aff_jax.training.plot import CURVES_FILE, PREDICTIONS_FILE, plot_curves, plot_predictions
 from aff_jax.training.stop_signals import StopSignals
 from aff_jax.training.workdir_lock import WorkdirLock
@@ -46,6 +47,7 @@ CHECKPOINT_DIR = 'checkpoints'
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 RNG_IMPLS = ('rbg', 'unsafe_rbg', 'threefry2x32')
 MATMUL_PRECISIONS = (None, 'default', 'high', 'highest')
+AUGMENTS = ('default', 'none') + auto_augment.POLICIES
 POSITIVE_INT_KEYS = ('batch_size', 'eval_batch_size', 'num_train_steps', 'log_every_steps',
                      'eval_every_steps', 'checkpoint_every_steps', 'keep_checkpoints',
                      'distributed_timeout_s')
@@ -121,6 +123,24 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(f'config.rng_impl must be one of {RNG_IMPLS}, got {config.rng_impl!r}')
     optimizer_lib.make_optimizer(config)
     steps.check_regularisation(config, _task_name(config.model))
+    augmentation(config)
+
+
+def augmentation(config: ml_collections.ConfigDict
+                 ) -> tuple[str | None, auto_augment.Policy | None]:
+    """``config.augment`` as the pipeline's ``augment_kind`` (None: the dataset's default) and
+    ``policy``."""
+    if config.augment not in AUGMENTS:
+        raise ConfigError(f'config.augment must be one of {AUGMENTS}, got {config.augment!r}')
+    if config.augment == 'none':
+        return 'none', None
+    if config.augment == 'default':
+        return None, None
+    try:
+        return None, auto_augment.Policy(config.augment, config.randaugment_num_ops,
+                                         config.randaugment_magnitude)
+    except ValueError as e:
+        raise ConfigError(f'config.{e}') from e
 
 
 def _task_name(model: str) -> str:
@@ -172,11 +192,13 @@ def _dataset(exp: Experiment, split: str, global_batch: int, train: bool,
              start_batch: int = 0):
     """This process's share of ``split`` (a re-iterable grain dataset)."""
     index, count = mesh_lib.process_batch_split(mesh_lib.batch_sharding(exp.mesh), global_batch)
+    kind, policy = augmentation(exp.config)
     try:
         return pipeline.make_dataset(
             exp.config.dataset, split, batch_size=global_batch // count, seed=exp.config.seed,
             train=train, data_dir=exp.config.data_dir, image_size=exp.config.image_size,
             process_index=index, process_count=count, worker_count=exp.config.data_workers,
+            augment_kind=kind, policy=policy,
             num_classes=exp.config.num_classes, start_batch=start_batch,
             skip_bad_files=exp.config.skip_bad_files)
     except ValueError as e:
@@ -234,7 +256,7 @@ def evaluate_saved(config: ml_collections.ConfigDict, workdir: str | pathlib.Pat
     with restored(config, workdir, init_from) as saved:
         exp = saved.exp
         eval_step = steps.make_eval_step(exp.model, exp.task.eval_sums, saved.shardings,
-                                         mesh_lib.batch_sharding(exp.mesh))
+                                         mesh_lib.batch_sharding(exp.mesh), config.eval_flip)
         scores = evaluate(exp, eval_step, saved.state,
                           _dataset(exp, split, config.eval_batch_size, train=False))
     return Evaluation(saved.step, split, saved.source, scores, exp.task)
@@ -405,7 +427,7 @@ def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> RunResult:
             exp.model, tx, optimizer_lib.make_schedule(config), config, exp.task,
             step_rng, shardings, batch_sharding)
         eval_step = steps.make_eval_step(exp.model, exp.task.eval_sums, shardings,
-                                         batch_sharding)
+                                         batch_sharding, config.eval_flip)
         writer = resources.enter_context(contextlib.closing(
             MetricsWriter(workdir, start, enabled=is_main)))
         state, exit_code = _train(exp, state, train_iter, train_step, eval_step, eval_data,
@@ -516,25 +538,29 @@ def _train(exp: Experiment, state: state_lib.TrainState, train_iter: Iterator, t
     wait for the device anyway and write theirs at once.
     """
     config = exp.config
-    batches = _device_batches(train_iter, mesh_lib.batch_sharding(exp.mesh), config.batch_size)
+    throughput = Throughput(config.batch_size)
+    batches = _device_batches(throughput.batches(train_iter), mesh_lib.batch_sharding(exp.mesh),
+                              config.batch_size)
     config_dict = config.to_dict()
     exit_code = 0
     pending = None  # (step, metrics) of a log step not written yet
 
     def write_pending():
-        logged_step, metrics = pending
+        logged_step, metrics, rates = pending
         metrics = dict(metrics)
         _check_finite(metrics.pop(steps.NONFINITE_STEP), logged_step, checkpointer, config)
         # The logged values are those of this one step, so that a run resumed at any step
         # logs exactly what the uninterrupted run did.
         values = {name: float(value) for name, value in metrics.items()}
-        writer.write(logged_step, values)
+        writer.write(logged_step, {**values, **rates})
         bar.show({name: values[name] for name in ('train/loss', 'train/accuracy')})
 
     with contextlib.closing(ProgressBar(config.num_train_steps, int(state.step),
                                         enabled=writer.enabled)) as bar:
         for step in range(int(state.step) + 1, config.num_train_steps + 1):
             state, metrics = train_step(state, next(batches))
+            if throughput.since is None:
+                throughput.restart(step)
             bar.advance()
             if pending is not None:
                 write_pending()
@@ -545,7 +571,7 @@ def _train(exp: Experiment, state: state_lib.TrainState, train_iter: Iterator, t
                 exit_code = signals.exit_code
             last = step == config.num_train_steps
             if step % config.log_every_steps == 0 or last:
-                pending = (step, metrics)
+                pending = (step, metrics, throughput.read(step))
             evaluate_now = step % config.eval_every_steps == 0 and not last
             save = bool(exit_code) or last or checkpointer.should_save(step)
             if evaluate_now or save:
@@ -557,6 +583,7 @@ def _train(exp: Experiment, state: state_lib.TrainState, train_iter: Iterator, t
                 values = _eval_row(evaluate(exp, eval_step, state, eval_data))
                 writer.write(step, values)
                 bar.print(f'step {step}: ' + ', '.join(f'{k} {v:.4f}' for k, v in values.items()))
+                throughput.restart(step)  # the rates are of training steps only
             if save:
                 checkpointer.save(step, state, config_dict, force=True)
             if exit_code:
@@ -587,7 +614,8 @@ def _write_predictions(exp: Experiment, state: state_lib.TrainState, shardings, 
     Every process runs the prediction (its devices hold part of the batch); process 0 draws."""
     sharding = mesh_lib.batch_sharding(exp.mesh)
     predict = steps.make_eval_step(
-        exp.model, lambda logits, _: jnp.argmax(logits, -1).astype(jnp.int32), shardings, sharding)
+        exp.model, lambda logits, _: jnp.argmax(logits, -1).astype(jnp.int32), shardings, sharding,
+        exp.config.eval_flip)
     with contextlib.closing(iter(eval_data)) as batches:
         batch = next(batches)
     images = _to_global({'image': batch['image']}, sharding, exp.config.eval_batch_size)

@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import pathlib
 import sys
+import time
+from typing import Iterator
 
 import tqdm
 
@@ -15,6 +17,9 @@ from aff_jax.training.tensorboard import EventWriter
 
 METRICS_FILE = 'metrics.jsonl'
 TENSORBOARD_DIR = 'tensorboard'
+# Train-row values measured on the wall clock, over the steps since the previous train row:
+# the only logged values a resumed run does not repeat exactly.
+WALL_CLOCK_METRICS = ('train/images_per_second', 'train/data_wait_fraction')
 
 
 def read_metrics(path: pathlib.Path) -> list[dict]:
@@ -51,6 +56,43 @@ class MetricsWriter:
     def close(self) -> None:
         if self.enabled:
             self.tensorboard.close()
+
+
+class Throughput:
+    """Wall-clock rates between train rows: ``train/images_per_second`` (global batch x steps
+    / seconds) and ``train/data_wait_fraction`` (the share of those seconds spent waiting for
+    the input pipeline's next batch). Timing starts after the first step, whose call includes
+    compilation."""
+
+    def __init__(self, global_batch: int):
+        self.global_batch = global_batch
+        self.waited = 0.0
+        self.since = None  # (step, time) the current interval started at
+
+    def batches(self, batches: Iterator) -> Iterator:
+        """``batches``, timing each wait for the next one."""
+        batches = iter(batches)
+        while True:
+            start = time.perf_counter()
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            self.waited += time.perf_counter() - start
+            yield batch
+
+    def restart(self, step: int) -> None:
+        self.since, self.waited = (step, time.perf_counter()), 0.0
+
+    def read(self, step: int) -> dict[str, float]:
+        """The rates since ``restart`` (nothing before the first); restarts at ``step``."""
+        if self.since is None or step == self.since[0]:
+            return {}
+        seconds = time.perf_counter() - self.since[1]
+        values = {WALL_CLOCK_METRICS[0]: self.global_batch * (step - self.since[0]) / seconds,
+                  WALL_CLOCK_METRICS[1]: min(self.waited / seconds, 1.0)}
+        self.restart(step)
+        return values
 
 
 class ProgressBar:

@@ -16,7 +16,7 @@ import optax
 
 from aff_jax.training.errors import ConfigError
 
-SCHEDULES = ('cosine', 'step', 'constant')
+SCHEDULES = ('cosine', 'linear', 'step', 'constant')
 
 
 def peak_learning_rate(config: ml_collections.ConfigDict) -> float:
@@ -35,8 +35,10 @@ def make_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
     """Step -> learning rate. Step 0 is the first update.
 
     ``cosine``: linear 0 -> peak over ``warmup_steps``, then cosine from peak to 0 at
-    ``num_train_steps``. ``step``: the same warmup, then peak multiplied by
-    ``lr_decay_factor`` at every step in ``lr_decay_boundaries`` (absolute steps).
+    ``num_train_steps``. ``linear``: the warmup, then linear from peak to 0 at
+    ``num_train_steps`` (the one-cycle schedule of fast CIFAR training). ``step``: the same
+    warmup, then peak multiplied by ``lr_decay_factor`` at every step in
+    ``lr_decay_boundaries`` (absolute steps).
     ``constant``: the warmup, then peak.
     """
     peak = peak_learning_rate(config)
@@ -47,7 +49,9 @@ def make_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
         raise ConfigError(f'config.warmup_steps={warmup} must be in [0, num_train_steps={total})')
     if config.schedule == 'cosine':
         return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, total, end_value=0.0)
-    if config.schedule == 'step':
+    if config.schedule == 'linear':
+        after_warmup = optax.linear_schedule(peak, 0.0, total - warmup)
+    elif config.schedule == 'step':
         boundaries = tuple(config.lr_decay_boundaries)
         in_range = all(warmup <= b < total for b in boundaries)
         if not in_range or list(boundaries) != sorted(boundaries):

@@ -132,14 +132,27 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
 
 
 def make_eval_step(model: nn.Module, reduce: Callable[[jax.Array, Batch], Any],
-                   state_shardings: TrainState, batch_sharding: NamedSharding
-                   ) -> Callable[[TrainState, Batch], Any]:
+                   state_shardings: TrainState, batch_sharding: NamedSharding,
+                   flip: bool = False) -> Callable[[TrainState, Batch], Any]:
     """``eval_step(state, batch) -> reduce(logits, batch)`` with running-average BN, the result
     replicated on every process. ``reduce``: a task's ``eval_sums`` (which leave out padded
-    examples, ``batch['mask']`` 0), or e.g. the argmax for predictions to draw."""
+    examples, ``batch['mask']`` 0), or e.g. the argmax for predictions to draw.
+
+    ``flip``: test-time augmentation: the logits are the mean of those of the images and of
+    their mirror images (width axis); per-pixel logits (B, H, W, K) of a mirror image are
+    mirrored back first.
+    """
+    def logits_of(state: TrainState, images: jax.Array) -> jax.Array:
+        return model.apply({'params': state.params, 'batch_stats': state.batch_stats},
+                           images, train=False)
+
     def eval_step(state: TrainState, batch: Batch):
-        logits = model.apply({'params': state.params, 'batch_stats': state.batch_stats},
-                             batch['image'], train=False)
+        logits = logits_of(state, batch['image'])
+        if flip:
+            mirrored = logits_of(state, batch['image'][:, :, ::-1])
+            if mirrored.ndim == 4:
+                mirrored = mirrored[:, :, ::-1]
+            logits = (logits + mirrored) / 2
         return reduce(logits, batch)
 
     replicated = NamedSharding(batch_sharding.mesh, jax.sharding.PartitionSpec())
