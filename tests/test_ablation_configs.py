@@ -43,9 +43,9 @@ PAPER_SIZES = {
     'short_skip': {'layers': (5, 5, 5), 'channels': (64, 64, 128, 256)},  # AFF-ResNet-32
     'long_skip': {'layers': (3, 3, 3), 'channels': (16, 16, 32, 64), 'pyramid_channels': 32},
 }
-# Real CIFAR-10: configs/cifar10_fast.py's schedule, both hosts at 3 blocks per stage.
-CIFAR10_SIZES = {'same_layer': {'layers': (3, 3, 3), 'channels': (16, 16, 32, 64)},
-                 'short_skip': {'layers': (3, 3, 3), 'channels': (16, 16, 32, 64)}}
+# Real CIFAR-10: configs/cifar10_fast.py's schedule and its net's shape for both hosts.
+CIFAR10_SIZES = {'same_layer': {'layers': (1, 1, 1), 'channels': (32, 32, 64, 128)},
+                 'short_skip': {'layers': (1, 1, 1), 'channels': (32, 32, 64, 128)}}
 # The official CIFAR-100 recipe: 640 epochs of 50000 // 512 steps.
 PAPER_CIFAR_STEPS, PAPER_CIFAR_BATCH = 640 * (50_000 // 512), 512
 
@@ -92,6 +92,8 @@ def test_each_scenario_has_its_model_dataset_and_sizes(file, arg):
         for key in ('num_train_steps', 'batch_size', 'learning_rate', 'schedule', 'eval_flip',
                     'eval_every_steps', 'label_smoothing', 'weight_decay'):
             assert config[key] == recipe[key], key
+        for key in ('layers', 'channels'):
+            assert overrides[key] == recipe.model_overrides[key], key
         return
     assert config.dataset == (PAPER_DATASET if paper else LAPTOP_DATASET)[scenario]
     for key, value in (PAPER_SIZES if paper else LAPTOP_SIZES)[scenario].items():

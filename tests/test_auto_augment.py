@@ -374,3 +374,22 @@ def test_official_recipes_use_autoaugment_as_the_official_commands(recipe, polic
     config = config_lib.load_config(REPO / 'configs' / f'{recipe}.py')
     assert config.augment == policy
     loop.check_config(config)
+
+
+def test_input_benchmark_makes_imagenet_like_jpegs(tmp_path):
+    """The 224 measurement's images: every source image upscaled to 500x375 JPEGs, train and
+    test; the tf.data side itself needs the [tf] extra and is not run here."""
+    from aff_jax import input_benchmark
+
+    source = tmp_path / 'small'
+    for split, count in (('train', 3), ('test', 1)):
+        for label in range(2):
+            directory = source / split / f'c{label}'
+            directory.mkdir(parents=True)
+            for i in range(count):
+                Image.fromarray(_photo(i, (32, 32))).save(directory / f'{i}.jpg')
+    written = input_benchmark.make_large(str(source), str(tmp_path / 'large'), per_class=2)
+    assert written == 2 * 2 + 2 * 1
+    for path in (tmp_path / 'large').rglob('*.jpg'):
+        with Image.open(path) as image:
+            assert image.size == input_benchmark.LARGE_SIZE and image.format == 'JPEG'
