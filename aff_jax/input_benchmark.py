@@ -33,7 +33,6 @@ import numpy as np
 
 LARGE_SIZE = (500, 375)  # (width, height), a typical ImageNet photograph
 LARGE_NOISE = 6.0
-CIFAR_PAD = 4
 
 
 def make_large(source: str, dest: str, per_class: int, seed: int = 0) -> int:
@@ -63,14 +62,21 @@ def _ours(folder: str, size: int, augment: str, batch: int, seed: int):
 
     policy = None if augment == 'default' else auto_augment.Policy(augment)
     return pipeline.make_iterator(f'imagefolder:{folder}', 'train', batch_size=batch, seed=seed,
-                                  train=True, image_size=size if size > 64 else None,
+                                  train=True, image_size=None if _small(size) else size,
                                   policy=policy)
+
+
+def _small(size: int) -> bool:
+    """Whether a folder of ``size`` x ``size`` images gets the 'cifar' augmentation."""
+    from aff_jax.data import sources
+
+    return size <= sources.SMALL_IMAGE_SIDE
 
 
 def _tf_data(folder: str, size: int, batch: int, seed: int):
     import tensorflow as tf
 
-    from aff_jax.data import sources
+    from aff_jax.data import augment, sources
 
     classes = sorted(p.name for p in pathlib.Path(folder, 'train').iterdir())
     files, labels = [], []
@@ -83,17 +89,19 @@ def _tf_data(folder: str, size: int, batch: int, seed: int):
 
     def preprocess(path, label):
         data = tf.io.read_file(path)
-        if size > 64:
+        if not _small(size):
             begin, crop, _ = tf.image.sample_distorted_bounding_box(
                 tf.image.extract_jpeg_shape(data), tf.zeros([0, 0, 4], tf.float32),
-                min_object_covered=0.0, aspect_ratio_range=(3 / 4, 4 / 3),
-                area_range=(0.08, 1.0), max_attempts=10, use_image_if_no_bounding_boxes=True)
+                min_object_covered=0.0, aspect_ratio_range=augment.CROP_RATIO,
+                area_range=augment.CROP_SCALE, max_attempts=10,
+                use_image_if_no_bounding_boxes=True)
             window = tf.stack([begin[0], begin[1], crop[0], crop[1]])
             image = tf.image.decode_and_crop_jpeg(data, window, channels=3)
             image = tf.image.resize(image, (size, size), method='bilinear')
         else:
             image = tf.io.decode_jpeg(data, channels=3)
-            image = tf.pad(image, [[CIFAR_PAD, CIFAR_PAD], [CIFAR_PAD, CIFAR_PAD], [0, 0]])
+            pad = augment.CIFAR_PAD
+            image = tf.pad(image, [[pad, pad], [pad, pad], [0, 0]])
             image = tf.image.random_crop(image, (size, size, 3))
         image = tf.image.random_flip_left_right(image)
         image = (tf.cast(image, tf.float32) / 255.0 - mean) / std
